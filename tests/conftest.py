@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny configs, a locally trained tokenizer, real brain volumes, isolated subprocesses."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# A subprocess that runs this prelude cannot import umbrella_llava, as on the machine of someone who downloaded a
+# shared checkpoint without installing the package.
+_BLOCK_PACKAGE = """
+import importlib.abc, sys
+class _BlockUmbrella(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "umbrella_llava" or name.startswith("umbrella_llava."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+sys.meta_path.insert(0, _BlockUmbrella())
+sys.path = [p for p in sys.path if p not in ("", ".")]
+"""
+
+
+def run_without_package(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python process that cannot import umbrella_llava; fails the test on a non-zero exit."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in env["PYTHONPATH"].split(os.pathsep) if p and Path(p) != REPO_ROOT)
+    script = _BLOCK_PACKAGE + textwrap.dedent(code)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"subprocess failed:\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from umbrella_llava.tokenization import build_chatml_tokenizer
+
+    return build_chatml_tokenizer()
+
+
+def tiny_config(tokenizer=None, vision: str = "siglip", **overrides):
+    """A tiny random UmbrellaLlavaConfig: 16³ volumes, 8³ patches (8 tokens per volume), 2-layer tower and LM."""
+    from umbrella_llava import UmbrellaLlavaConfig
+
+    vocab_size = len(tokenizer) if tokenizer is not None else 512
+    image_token_id = tokenizer.image_token_id if tokenizer is not None else 3
+    vision_config = {
+        "model_type": f"{vision}_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    text_config = {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+    }
+    kwargs = dict(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        vision_feature_select_strategy="full" if vision == "siglip" else "default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        volume_size=(16, 16, 16),
+        volume_patch_size=(8, 8, 8),
+        volume_channels=1,
+    )
+    if tokenizer is not None:
+        kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    kwargs.update(overrides)
+    return UmbrellaLlavaConfig(**kwargs)
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    from umbrella_llava import UmbrellaLlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    return UmbrellaLlavaForConditionalGeneration(tiny_config(tokenizer)).eval()
+
+
+@pytest.fixture(scope="session")
+def mni_t1_path(tmp_path_factory) -> Path:
+    """nilearn's MNI152 T1 template (a real brain shipped inside the package), written as a .nii.gz file."""
+    nilearn_datasets = pytest.importorskip("nilearn.datasets")
+    path = tmp_path_factory.mktemp("mni") / "mni152_t1.nii.gz"
+    nilearn_datasets.load_mni152_template(resolution=2).to_filename(path)
+    return path
