@@ -31,6 +31,7 @@ sys.path = [p for p in sys.path if p not in ("", ".")]
 def run_without_package(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `code` in a fresh Python process that cannot import umbrella_llava; fails the test on a non-zero exit."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    env["HF_MODULES_CACHE"] = str(Path(cwd) / "hf_modules")
     env["PYTHONPATH"] = os.pathsep.join(p for p in env["PYTHONPATH"].split(os.pathsep) if p and Path(p) != REPO_ROOT)
     script = _BLOCK_PACKAGE + textwrap.dedent(code)
     result = subprocess.run(

@@ -70,9 +70,7 @@ class UmbrellaLlavaConfig(LlavaConfig):
 
         vision_type = self.vision_config.model_type
         if vision_type not in SUPPORTED_VISION_MODELS:
-            raise ValueError(
-                f"UmbrellaLlava supports vision towers {SUPPORTED_VISION_MODELS}, got '{vision_type}'."
-            )
+            raise ValueError(f"UmbrellaLlava supports vision towers {SUPPORTED_VISION_MODELS}, got '{vision_type}'.")
         if self.vision_feature_select_strategy == "default" and not self.volume_class_token:
             raise ValueError(
                 f"vision_feature_select_strategy='default' drops the first token as a class token, but "

@@ -1,0 +1,252 @@
+"""UmbrellaLlava's config, 3-D embedder and forward pass on tiny random configs."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from einops import rearrange
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from umbrella_llava import UmbrellaLlavaConfig, UmbrellaLlavaForConditionalGeneration, UmbrellaVolumeEmbeddings
+
+
+def make_batch(config, volumes_per_sample: list[int], slots: int | None = None, text_len: int = 4, seed: int = 0):
+    """Left-padded ids with one image block per volume, and (B, N, C, H, W, D) slots with an image mask."""
+    generator = torch.Generator().manual_seed(seed)
+    slots = slots if slots is not None else max(volumes_per_sample)
+    rows = []
+    for b, count in enumerate(volumes_per_sample):
+        text = torch.randint(10, 300, (text_len + b,), generator=generator).tolist()
+        rows.append(text[:2] + [config.image_token_id] * (config.image_seq_length * count) + text[2:])
+    length = max(len(row) for row in rows)
+    input_ids = torch.tensor([[0] * (length - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows])
+    pixel_values = torch.randn(len(rows), slots, config.volume_channels, *config.volume_size, generator=generator)
+    image_mask = torch.arange(slots)[None, :] < torch.tensor(volumes_per_sample)[:, None]
+    pixel_values[~image_mask] = 0.0
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": pixel_values,
+        "image_mask": image_mask,
+        "num_images_per_sample": torch.tensor(volumes_per_sample),
+    }
+
+
+# 1. Config
+
+
+def test_config_derives_image_seq_length_and_round_trips(tmp_path, tokenizer):
+    config = tiny_config(tokenizer, volume_size=(16, 32, 24), volume_patch_size=(8, 8, 8))
+    assert config.image_seq_length == 2 * 4 * 3
+    config.save_pretrained(tmp_path)
+    reloaded = UmbrellaLlavaConfig.from_pretrained(tmp_path)
+    assert reloaded.volume_size == [16, 32, 24] and reloaded.image_seq_length == 24
+    assert tiny_config(tokenizer, vision="clip").image_seq_length == 8  # "default" drops CLIP's class token
+    assert tiny_config(tokenizer, vision="clip", vision_feature_select_strategy="full").image_seq_length == 9
+
+
+def test_config_rejects_patch_that_does_not_divide_volume(tokenizer):
+    with pytest.raises(ValueError, match=r"does not divide volume_size \(16, 20, 16\).*W: 20 % 8 = 4"):
+        tiny_config(tokenizer, volume_size=(16, 20, 16))
+
+
+def test_config_rejects_default_strategy_on_tower_without_class_token(tokenizer):
+    with pytest.raises(ValueError, match="would drop a patch"):
+        tiny_config(tokenizer, vision_feature_select_strategy="default")
+
+
+# 2. 3-D patch embedder
+
+
+def test_embedder_patch_layout_matches_the_maths(tokenizer):
+    config = tiny_config(tokenizer, volume_channels=2, volume_size=(16, 8, 24))
+    embedder = UmbrellaVolumeEmbeddings(config)
+    volumes = torch.randn(3, 2, 16, 8, 24)
+    out = embedder(volumes)
+    assert out.shape == (3, 2 * 1 * 3, config.vision_config.hidden_size)
+    # Patch (h=1, w=0, d=2) is the 4th + 2 = 6th in (h w d) order; its voxels flatten as (ph pw pd c).
+    patch = volumes[:, :, 8:16, 0:8, 16:24]
+    flat = rearrange(patch, "m c ph pw pd -> m (ph pw pd c)")
+    expected = embedder.patch_embedding(flat) + embedder.position_embedding.weight[5]
+    torch.testing.assert_close(out[:, 5], expected)
+    assert list(embedder.buffers()) == []
+
+
+def test_embedder_rejects_wrong_volume_shape(tokenizer):
+    embedder = UmbrellaVolumeEmbeddings(tiny_config(tokenizer))
+    with pytest.raises(ValueError, match=r"\(M, 1, 16, 16, 16\), got \(2, 1, 16, 16, 8\)"):
+        embedder(torch.zeros(2, 1, 16, 16, 8))
+
+
+@pytest.mark.parametrize("vision", ["siglip", "clip"])
+def test_stock_llava_weights_keep_their_names(tokenizer, vision):
+    """Encoder layers, projector and LM are LLaVA's own: every stock key except the 2-D embedding is ours too."""
+    config = tiny_config(tokenizer, vision=vision)
+    ours = set(UmbrellaLlavaForConditionalGeneration(config).state_dict())
+    stock_config = LlavaConfig(**{k: v for k, v in config.to_dict().items() if not k.startswith("volume_")})
+    stock = set(LlavaForConditionalGeneration(stock_config).state_dict())
+    replaced = {k for k in stock if ".embeddings." in k or "post_layernorm" in k or ".head." in k}
+    assert stock - replaced <= ours
+    assert all("embeddings" in k for k in ours - stock)
+
+
+@pytest.mark.parametrize("vision", ["siglip", "clip"])
+def test_forward_runs_with_both_towers(tokenizer, vision):
+    torch.manual_seed(0)
+    config = tiny_config(tokenizer, vision=vision)
+    model = UmbrellaLlavaForConditionalGeneration(config).eval()
+    batch = make_batch(config, [2, 1])
+    out = model(**batch, labels=batch["input_ids"])
+    assert torch.isfinite(out.loss)
+    assert out.logits.shape == (*batch["input_ids"].shape, config.text_config.vocab_size)
+
+
+# 3. The forward pass
+
+
+def test_all_input_forms_give_identical_logits(tiny_model):
+    config = tiny_model.config
+    batch = make_batch(config, [2, 0, 1], slots=3)
+    valid = batch["pixel_values"][batch["image_mask"]]
+    common = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        reference = tiny_model(**common, pixel_values=batch["pixel_values"], image_mask=batch["image_mask"]).logits
+        forms = [
+            {"pixel_values": batch["pixel_values"], "num_images_per_sample": batch["num_images_per_sample"]},
+            {"pixel_values": valid, "image_mask": batch["image_mask"]},
+            {"pixel_values": valid, "num_images_per_sample": batch["num_images_per_sample"]},
+            {"pixel_values": valid},  # counts derived from the text
+        ]
+        for form in forms:
+            torch.testing.assert_close(tiny_model(**common, **form).logits, reference)
+
+
+def test_padded_slots_cost_nothing_and_change_nothing(tiny_model):
+    batch = make_batch(tiny_model.config, [1, 3], slots=4)
+    encoded = []
+    hook = tiny_model.model.vision_tower.embeddings.register_forward_hook(
+        lambda module, args, out: encoded.append(args[0].shape[0])
+    )
+    with torch.no_grad():
+        reference = tiny_model(**batch).logits
+        batch["pixel_values"][~batch["image_mask"]] = float("nan")  # garbage in padded slots
+        again = tiny_model(**batch).logits
+    hook.remove()
+    assert encoded == [4, 4]  # 1 + 3 valid volumes of 8 slots
+    torch.testing.assert_close(again, reference)
+
+
+def test_each_sample_gets_its_own_volumes_in_slot_order(tiny_model):
+    batch = make_batch(tiny_model.config, [2, 1, 3], slots=3)
+    seen = {}
+    hook = tiny_model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        tiny_model(**batch)
+    hook.remove()
+    seq = tiny_model.config.image_seq_length
+    for b in range(3):
+        positions = (batch["input_ids"][b] == tiny_model.config.image_token_id).nonzero().flatten()
+        for slot in range(int(batch["num_images_per_sample"][b])):
+            with torch.no_grad():
+                alone = tiny_model.model.get_volume_features(batch["pixel_values"][b, slot][None])
+            block = seen["embeds"][b, positions[slot * seq : (slot + 1) * seq]]
+            torch.testing.assert_close(block, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_matches_samples_run_alone(tiny_model):
+    batch = make_batch(tiny_model.config, [2, 1], slots=2)
+    with torch.no_grad():
+        together = tiny_model(**batch).logits
+        for b in range(2):
+            n = int(batch["num_images_per_sample"][b])
+            keep = batch["attention_mask"][b].bool()
+            alone = tiny_model(
+                input_ids=batch["input_ids"][b, keep][None], pixel_values=batch["pixel_values"][b, :n][None]
+            ).logits
+            torch.testing.assert_close(together[b, keep], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_per_sample_mismatch_is_an_error_even_when_totals_agree(tiny_model):
+    batch = make_batch(tiny_model.config, [1, 2], slots=2)
+    swapped = batch["image_mask"].flip(0)  # 2 volumes for sample 0's one block, 1 for sample 1's two
+    with pytest.raises(
+        ValueError, match=r"sample 0: 8 image tokens, 2 volumes .*sample 1: 16 image tokens, 1 volumes"
+    ):
+        tiny_model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], image_mask=swapped)
+
+
+def test_mask_and_counts_that_disagree_are_an_error(tiny_model):
+    batch = make_batch(tiny_model.config, [1, 2], slots=2)
+    with pytest.raises(ValueError, match="image_mask and num_images_per_sample disagree"):
+        tiny_model(**{**batch, "num_images_per_sample": torch.tensor([2, 1])})
+
+
+def test_wrong_volume_shape_is_an_error(tiny_model):
+    batch = make_batch(tiny_model.config, [1, 1])
+    batch["pixel_values"] = batch["pixel_values"][..., :8]
+    with pytest.raises(ValueError, match="Expected volumes of shape"):
+        tiny_model(**batch)
+
+
+def test_image_tokens_without_volumes_are_an_error(tiny_model):
+    batch = make_batch(tiny_model.config, [1, 0])
+    with pytest.raises(ValueError, match="sample 0: 8 image tokens, 0 volumes"):
+        tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+# 4. generate()
+
+
+def _generate(model, **inputs):
+    return model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+def test_greedy_generation_matches_the_forward_pass(tiny_model):
+    batch = make_batch(tiny_model.config, [2, 1])
+    generated = _generate(tiny_model, **batch)
+    prompt_len = batch["input_ids"].shape[1]
+    full_mask = torch.cat([batch["attention_mask"], torch.ones_like(generated[:, prompt_len:])], dim=1)
+    with torch.no_grad():
+        logits = tiny_model(**{**batch, "input_ids": generated, "attention_mask": full_mask}).logits
+    torch.testing.assert_close(logits[:, prompt_len - 1 : -1].argmax(-1), generated[:, prompt_len:])
+
+
+def test_batched_left_padded_generation_matches_each_sample_alone(tiny_model):
+    batch = make_batch(tiny_model.config, [2, 1, 0], slots=2)
+    together = _generate(tiny_model, **batch)
+    for b in range(3):
+        n, keep = int(batch["num_images_per_sample"][b]), batch["attention_mask"][b].bool()
+        alone = _generate(
+            tiny_model,
+            input_ids=batch["input_ids"][b, keep][None],
+            pixel_values=batch["pixel_values"][b, :n][None] if n else None,
+        )
+        assert together[b, -6:].tolist() == alone[0, -6:].tolist()
+
+
+@pytest.mark.parametrize("flattened", [False, True])
+def test_beams_and_return_sequences_keep_each_samples_volumes(tiny_model, flattened):
+    batch = make_batch(tiny_model.config, [1, 2], slots=2)
+    settings = {"num_beams": 3, "num_return_sequences": 2}
+    if flattened:
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "pixel_values": batch["pixel_values"][batch["image_mask"]],
+            "num_images_per_sample": batch["num_images_per_sample"],
+        }
+    else:
+        inputs = batch
+    together = _generate(tiny_model, **inputs, **settings)
+    assert together.shape[0] == 4
+    for b in range(2):
+        n, keep = int(batch["num_images_per_sample"][b]), batch["attention_mask"][b].bool()
+        alone = _generate(
+            tiny_model,
+            input_ids=batch["input_ids"][b, keep][None],
+            pixel_values=batch["pixel_values"][b, :n][None],
+            **settings,
+        )
+        assert together[2 * b : 2 * b + 2, -6:].tolist() == alone[:, -6:].tolist()

@@ -1,0 +1,394 @@
+"""PyTorch UmbrellaLlava: LLaVA whose vision tower reads 3-D volumes.
+
+The model is LLaVA with one change in the vision tower: its 2-D patch embedding is replaced by a 3-D one
+([`UmbrellaVolumeEmbeddings`]). The tower's encoder layers, the projector and the language model are LLaVA's own,
+so the weights of a stock checkpoint keep their meaning. The forward pass takes a batch of volumes per sample,
+
+    pixel_values (B, N, C, H, W, D) + image_mask (B, N) and/or num_images_per_sample (B,)
+
+keeps the valid volumes only, encodes them, and writes each sample's volume features into that sample's image-token
+blocks, in slot order.
+
+This file travels to the Hub as remote code: it imports only torch, transformers and einops, and siblings with
+single-dot relative imports.
+"""
+
+import torch
+from einops.layers.torch import Rearrange
+from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaModel
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
+
+from .configuration_umbrella_llava import UmbrellaLlavaConfig
+
+_AUTO_MAP = {
+    "AutoConfig": "configuration_umbrella_llava.UmbrellaLlavaConfig",
+    "AutoModel": "modeling_umbrella_llava.UmbrellaLlavaModel",
+    "AutoModelForImageTextToText": "modeling_umbrella_llava.UmbrellaLlavaForConditionalGeneration",
+}
+
+
+class UmbrellaVolumeEmbeddings(nn.Module):
+    """3-D patch embedding that takes the place of the vision tower's 2-D `embeddings`.
+
+    Cuts each volume into non-overlapping `volume_patch_size` patches, flattens every patch in `(ph pw pd c)` order,
+    projects it to the tower's width and adds a learned position embedding per patch (and a class token first, for
+    towers that have one, such as CLIP).
+
+    Only `nn.Linear` and `nn.Embedding` hold weights, so whichever tower hosts this module initialises it with its
+    own rules, and nothing is kept in non-persistent buffers (which `from_pretrained` would leave uninitialised).
+    """
+
+    def __init__(self, config: UmbrellaLlavaConfig):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        patch_h, patch_w, patch_d = config.volume_patch_size
+        self.volume_shape = (config.volume_channels, *config.volume_size)
+        self.patch_layout = Rearrange(
+            "m c (h ph) (w pw) (d pd) -> m (h w d) (ph pw pd c)", ph=patch_h, pw=patch_w, pd=patch_d
+        )
+        self.patch_embedding = nn.Linear(config.volume_channels * patch_h * patch_w * patch_d, hidden_size)
+        self.class_embedding = nn.Embedding(1, hidden_size) if config.volume_class_token else None
+        num_positions = config.volume_num_patches + int(config.volume_class_token)
+        self.position_embedding = nn.Embedding(num_positions, hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs) -> torch.Tensor:
+        """
+        Args:
+            pixel_values: volumes `(M, C, H, W, D)`, any float dtype (cast to the weights' dtype here).
+
+        Returns:
+            `(M, num_positions, hidden_size)` patch embeddings with positions added.
+        """
+        if interpolate_pos_encoding:
+            raise ValueError("Volumes have a fixed size: resize them to `config.volume_size` instead.")
+        if tuple(pixel_values.shape[1:]) != self.volume_shape:
+            raise ValueError(
+                f"Expected volumes of shape (M, C, H, W, D) = (M, {', '.join(map(str, self.volume_shape))}), got "
+                f"{tuple(pixel_values.shape)}."
+            )
+        patches = self.patch_layout(pixel_values.to(self.patch_embedding.weight.dtype))
+        embeddings = self.patch_embedding(patches)
+        if self.class_embedding is not None:
+            class_tokens = self.class_embedding.weight.expand(embeddings.shape[0], 1, -1)
+            embeddings = torch.cat([class_tokens, embeddings], dim=1)
+        return embeddings + self.position_embedding.weight
+
+
+def flatten_volumes(
+    pixel_values: torch.Tensor,
+    image_mask: torch.Tensor | None = None,
+    num_images_per_sample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keep the valid volumes of a batch, in (sample, slot) order.
+
+    Args:
+        pixel_values: `(B, N, C, H, W, D)` slots per sample, or `(M, C, H, W, D)` valid volumes already flattened.
+        image_mask: `(B, N)` bool, True where a slot holds a volume.
+        num_images_per_sample: `(B,)` volumes per sample. With 6-D `pixel_values` and no `image_mask`, sample `b`
+            uses its first `num_images_per_sample[b]` slots.
+
+    Returns:
+        `(volumes (M, C, H, W, D), num_images_per_sample (B,))`. The counts are `None` only for flattened volumes
+        given with neither `image_mask` nor `num_images_per_sample`; the caller then derives them from the text.
+
+    Raises:
+        ValueError: if `image_mask` and `num_images_per_sample` disagree, or either disagrees with `pixel_values`.
+    """
+    counts = None if num_images_per_sample is None else torch.as_tensor(num_images_per_sample).to(torch.long)
+    if image_mask is not None:
+        image_mask = image_mask.to(device=pixel_values.device, dtype=torch.bool)
+        mask_counts = image_mask.sum(dim=1).cpu()
+        if counts is not None and not torch.equal(counts.cpu(), mask_counts):
+            raise ValueError(
+                f"image_mask and num_images_per_sample disagree: the mask holds {mask_counts.tolist()} volumes per "
+                f"sample, num_images_per_sample says {counts.tolist()}."
+            )
+        counts = mask_counts
+
+    if pixel_values.dim() == 6:
+        batch_size, slots = pixel_values.shape[:2]
+        if image_mask is None:
+            if counts is None:
+                counts = torch.full((batch_size,), slots, dtype=torch.long)
+            if counts.shape != (batch_size,) or (counts.cpu() > slots).any() or (counts < 0).any():
+                raise ValueError(
+                    f"num_images_per_sample {counts.tolist()} does not fit pixel_values with {batch_size} samples "
+                    f"of {slots} slots."
+                )
+            image_mask = torch.arange(slots, device=pixel_values.device) < counts.to(pixel_values.device)[:, None]
+        elif image_mask.shape != (batch_size, slots):
+            raise ValueError(
+                f"image_mask has shape {tuple(image_mask.shape)}, pixel_values has {batch_size} samples of {slots} "
+                "slots."
+            )
+        if slots > 0 and bool(image_mask.all()):
+            return pixel_values.flatten(0, 1), counts.cpu()
+        return pixel_values[image_mask], counts.cpu()
+
+    if pixel_values.dim() != 5:
+        raise ValueError(
+            f"pixel_values must be (B, N, C, H, W, D) or (M, C, H, W, D) volumes, got shape {tuple(pixel_values.shape)}."
+        )
+    if counts is not None and int(counts.sum()) != pixel_values.shape[0]:
+        raise ValueError(
+            f"pixel_values holds {pixel_values.shape[0]} volumes, but the batch declares {counts.tolist()} volumes "
+            f"per sample ({int(counts.sum())} in total)."
+        )
+    return pixel_values, None if counts is None else counts.cpu()
+
+
+def _continues_from_cache(kwargs: dict) -> bool:
+    """Whether this forward decodes after cached tokens (the cache argument is `cache` from transformers 5.2x on)."""
+    for name in ("cache", "past_key_values"):
+        cache = kwargs.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return True
+    return False
+
+
+class UmbrellaLlavaPreTrainedModel(LlavaPreTrainedModel):
+    config_class = UmbrellaLlavaConfig
+    config: UmbrellaLlavaConfig
+
+    def post_init(self):
+        super().post_init()
+        # The tower lists its 2-D embedding among the modules not to split; FSDP auto-wrap fails on names that are
+        # absent from the model, so keep only the classes that are really here.
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Name every entry point in `auto_map`, not only this class's, so that a shared checkpoint loads through
+        # AutoConfig, AutoModel and AutoModelForImageTextToText alike.
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
+    """[`LlavaModel`] whose vision tower embeds 3-D volumes; without a language-modelling head."""
+
+    _auto_class = "AutoModel"
+
+    def __init__(self, config: UmbrellaLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        from transformers import AutoModel
+
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.vision_tower.embeddings = UmbrellaVolumeEmbeddings(config)
+        # LLaVA reads the encoder's hidden states; the tower's final norm feeds only its (unused) pooled output, and
+        # a parameter without a gradient stalls DDP and ZeRO-3.
+        self.vision_tower.post_layernorm = nn.Identity()
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_volume_features(self, volumes: torch.Tensor) -> torch.Tensor:
+        """Encode valid volumes `(M, C, H, W, D)` into image-token features `(M * image_seq_length, text_hidden)`."""
+        image_outputs = self.get_image_features(
+            pixel_values=volumes,
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+        )
+        return torch.cat(list(image_outputs.pooler_output), dim=0)
+
+    def get_volume_placeholder_mask(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        num_images_per_sample: torch.Tensor | None,
+        num_volumes: int,
+    ) -> torch.Tensor:
+        """Find the image-token positions and check them sample by sample.
+
+        Returns:
+            `(B, L, 1)` bool mask of image-token positions.
+
+        Raises:
+            ValueError: naming every sample whose image-token count is not its volumes × `image_seq_length`, even
+                when the batch totals agree.
+        """
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            special_image_mask = (inputs_embeds == image_embedding).all(-1)
+        else:
+            special_image_mask = input_ids == self.config.image_token_id
+
+        seq_length = self.config.image_seq_length
+        tokens_per_sample = special_image_mask.sum(dim=1).cpu()
+        if num_images_per_sample is None:
+            # Flattened volumes without counts: the text alone says which sample owns which volume.
+            num_images_per_sample = tokens_per_sample // seq_length
+            if int(num_images_per_sample.sum()) != num_volumes:
+                raise ValueError(
+                    f"The text holds {int(tokens_per_sample.sum())} image tokens ({seq_length} per volume), but "
+                    f"pixel_values holds {num_volumes} volumes."
+                )
+        if len(num_images_per_sample) != len(tokens_per_sample):
+            raise ValueError(
+                f"num_images_per_sample has {len(num_images_per_sample)} entries for a batch of "
+                f"{len(tokens_per_sample)} samples."
+            )
+        expected = num_images_per_sample * seq_length
+        mismatched = (tokens_per_sample != expected).nonzero().flatten().tolist()
+        if mismatched:
+            details = "; ".join(
+                f"sample {i}: {int(tokens_per_sample[i])} image tokens, {int(num_images_per_sample[i])} volumes "
+                f"× {seq_length} = {int(expected[i])} expected"
+                for i in mismatched
+            )
+            raise ValueError(f"Image tokens and volumes do not match per sample ({details}).")
+        return special_image_mask.unsqueeze(-1)
+
+    def embed_volumes_into_text(
+        self,
+        inputs_embeds: torch.Tensor,
+        input_ids: torch.LongTensor | None,
+        pixel_values: torch.Tensor | None,
+        image_mask: torch.Tensor | None = None,
+        num_images_per_sample: torch.Tensor | None = None,
+        check_text_only: bool = True,
+    ) -> torch.Tensor:
+        """Write each sample's volume features into its image-token blocks; returns the new `inputs_embeds`.
+
+        With no volumes, `check_text_only` refuses image tokens in the text (off while decoding from a cache, where
+        the prompt's volumes are already in the cache and a generated token may be anything).
+        """
+        volumes, counts = None, None
+        if pixel_values is not None:
+            volumes, counts = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
+
+        if volumes is None or volumes.shape[0] == 0:
+            if self.training and torch.is_grad_enabled():
+                # A text-only batch still runs one blank volume through the vision path, so that every rank of a
+                # DDP / ZeRO-3 run touches the same parameters in every step.
+                blank = torch.zeros(
+                    (1, self.config.volume_channels, *self.config.volume_size), device=inputs_embeds.device
+                )
+                inputs_embeds = inputs_embeds + 0.0 * self.get_volume_features(blank).sum().to(inputs_embeds.dtype)
+            if input_ids is not None and check_text_only:
+                # Image tokens without volumes would train on the token's embedding instead of a scan: refuse.
+                self.get_volume_placeholder_mask(
+                    input_ids, inputs_embeds, torch.zeros(input_ids.shape[0], dtype=torch.long), 0
+                )
+            return inputs_embeds
+
+        placeholder_mask = self.get_volume_placeholder_mask(input_ids, inputs_embeds, counts, volumes.shape[0])
+        features = self.get_volume_features(volumes).to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(placeholder_mask.to(inputs_embeds.device), features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        num_images_per_sample: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L)`):
+                Text with `config.image_seq_length` image tokens per volume, in the order of the sample's slots.
+            pixel_values (`torch.Tensor` of shape `(B, N, C, H, W, D)` or `(M, C, H, W, D)`):
+                Volumes per sample (padded slots allowed), or the valid volumes already flattened in sample order.
+            attention_mask (`torch.Tensor` of shape `(B, L)`):
+                1 for tokens to attend to, 0 for padding.
+            image_mask (`torch.BoolTensor` of shape `(B, N)`):
+                True where a slot holds a volume. Padded slots are never encoded.
+            num_images_per_sample (`torch.LongTensor` of shape `(B,)`):
+                Volumes per sample; with 6-D `pixel_values` and no `image_mask`, the first slots are taken.
+            **kwargs:
+                Passed on to [`LlavaModel.forward`] (cache, position ids, attention options, ...).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        inputs_embeds = self.embed_volumes_into_text(
+            inputs_embeds,
+            input_ids,
+            pixel_values,
+            image_mask,
+            num_images_per_sample,
+            check_text_only=not _continues_from_cache(kwargs),
+        )
+        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaForConditionalGeneration):
+    """[`LlavaForConditionalGeneration`] on 3-D volumes: the stock `Trainer`, `generate()` and PEFT work unchanged."""
+
+    _auto_class = "AutoModelForImageTextToText"
+
+    def __init__(self, config: UmbrellaLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = UmbrellaLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        num_images_per_sample: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        r"""
+        Args:
+            input_ids, pixel_values, attention_mask, image_mask, num_images_per_sample:
+                As in [`UmbrellaLlavaModel.forward`].
+            labels (`torch.LongTensor` of shape `(B, L)`):
+                Next-token targets; -100 where no loss is taken (prompt, padding, image tokens).
+            **kwargs:
+                Passed on to [`LlavaForConditionalGeneration.forward`]: cache, `logits_to_keep`, and the Trainer's
+                `num_items_in_batch`, which keeps the loss normalised over gradient-accumulation steps.
+        """
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            image_mask=image_mask,
+            num_images_per_sample=num_images_per_sample,
+            labels=labels,
+            **kwargs,
+        )
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beams and `num_return_sequences` repeat every tensor along dim 0. That is right for (B, N, ...) slots, but
+        # flattened (M, ...) volumes must be repeated per sample, not per volume, to stay with their sample.
+        pixel_values = model_kwargs.get("pixel_values")
+        if expand_size == 1 or pixel_values is None or pixel_values.dim() != 5:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+
+        _, counts = flatten_volumes(
+            pixel_values, model_kwargs.get("image_mask"), model_kwargs.get("num_images_per_sample")
+        )
+        if counts is None:
+            counts = (input_ids == self.config.image_token_id).sum(dim=1).cpu() // self.config.image_seq_length
+        model_kwargs["num_images_per_sample"] = counts
+        del model_kwargs["pixel_values"]
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        starts = (torch.cumsum(counts, 0) - counts).tolist()
+        order = torch.cat(
+            [torch.arange(start, start + count).repeat(expand_size) for start, count in zip(starts, counts.tolist())]
+        )
+        model_kwargs["pixel_values"] = pixel_values[order.to(pixel_values.device)]
+        return input_ids, model_kwargs
+
+
+__all__ = [
+    "UmbrellaLlavaForConditionalGeneration",
+    "UmbrellaLlavaModel",
+    "UmbrellaLlavaPreTrainedModel",
+    "UmbrellaVolumeEmbeddings",
+    "flatten_volumes",
+]
