@@ -106,3 +106,25 @@ def mni_t1_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("mni") / "mni152_t1.nii.gz"
     nilearn_datasets.load_mni152_template(resolution=2).to_filename(path)
     return path
+
+
+@pytest.fixture
+def tiny_processor(tokenizer):
+    """An UmbrellaLlavaProcessor that matches `tiny_config`: 16³ volumes, 8 image tokens per volume."""
+    from umbrella_llava.image_processing_umbrella_llava import UmbrellaVolumeProcessor
+    from umbrella_llava.processing_umbrella_llava import UmbrellaLlavaProcessor
+
+    return UmbrellaLlavaProcessor(
+        image_processor=UmbrellaVolumeProcessor(volume_size=(16, 16, 16)), tokenizer=tokenizer, image_seq_length=8
+    )
+
+
+@pytest.fixture(scope="session")
+def mni_volume_paths(tmp_path_factory, mni_t1_path) -> dict[str, Path]:
+    """Three real brain volumes in one folder: nilearn's MNI152 T1, grey-matter and white-matter templates."""
+    nilearn_datasets = pytest.importorskip("nilearn.datasets")
+    folder = mni_t1_path.parent
+    paths = {"T1": mni_t1_path, "GM": folder / "mni152_gm.nii.gz", "WM": folder / "mni152_wm.nii.gz"}
+    nilearn_datasets.load_mni152_gm_template(resolution=2).to_filename(paths["GM"])
+    nilearn_datasets.load_mni152_wm_template(resolution=2).to_filename(paths["WM"])
+    return paths
