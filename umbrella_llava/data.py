@@ -1,0 +1,493 @@
+"""Conversation datasets with turn-masked labels, and the collator that batches them for the stock Trainer.
+
+Two record formats are read, from a `.json` file (one record or a list), a `.jsonl` file, or a folder of them:
+
+- UMBRELLA: `{"task_id", "task_type", "images": [{"path", "token", "modality"}], "conversations": [{"role",
+  "content": [{"type": "text", "text"}, {"type": "image", "modality", "image_path"}]}], "metadata"}`.
+- LLaVA: `{"id", "image": path or list, "conversations": [{"from": "human" | "gpt" | "system", "value"}]}`.
+
+Placeholders and volumes: the k-th image placeholder of a conversation, in reading order, is the k-th volume of the
+record's `images` (UMBRELLA) or `image` (LLaVA). A placeholder is an image content item or the image token (`<image>`)
+written in text. An image item's `image_path`, when given, must name the same file as the volume it stands for; a
+UMBRELLA record without `images` takes its volumes from its image items' `image_path`s. Relative paths are resolved
+against `image_root`, or else the folder of the file the record came from.
+"""
+
+import json
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from .image_processing_umbrella_llava import stack_volumes
+from .processing_umbrella_llava import UmbrellaLlavaProcessor, drop_volume_inputs_without_volumes
+from .volume_cache import VolumeCache
+
+IGNORE_INDEX = -100
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+class InvalidRecordError(ValueError):
+    """A conversation record that cannot be trained on; `kind` is a short reason, used to count skipped records."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class ConversationRecord:
+    """One validated record, in ChatML messages, with its volumes resolved to absolute paths."""
+
+    record_id: str
+    source: Path
+    index_in_source: int
+    task_type: str | None
+    messages: list[dict[str, Any]]
+    volume_paths: list[Path]
+    modalities: list[str | None]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return _describe(self.record_id, self.source, self.index_in_source)
+
+
+def _describe(record_id: str, source: Path, index: int) -> str:
+    return f"record '{record_id}' (entry {index} of {source})"
+
+
+def read_raw_records(path: str | Path) -> Iterator[tuple[Path, int, Any]]:
+    """Yield `(file, index in file, raw record)` from a `.json` (a record or a list), a `.jsonl`, or a folder.
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ValueError: for another suffix, or a file that is not valid JSON (naming the file and, for JSONL, the line).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Conversation data not found: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+        if not files:
+            raise ValueError(f"Folder {path} holds no .json or .jsonl files.")
+    elif path.suffix in (".json", ".jsonl"):
+        files = [path]
+    else:
+        raise ValueError(f"Conversation data must be a .json or .jsonl file or a folder of them, got {path}.")
+
+    for file in files:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix == ".jsonl":
+            for line_number, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield file, line_number - 1, json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{file}, line {line_number}: not valid JSON ({error}).") from error
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}: not valid JSON ({error}).") from error
+            for index, raw in enumerate(data if isinstance(data, list) else [data]):
+                yield file, index, raw
+
+
+def parse_record(
+    raw: Any, source: Path, index: int, image_token: str = "<image>", image_root: str | Path | None = None
+) -> ConversationRecord:
+    """Validate one raw UMBRELLA or LLaVA record and turn it into a [`ConversationRecord`].
+
+    The checks are cheap (no volume is decoded): structure, roles, an assistant turn, placeholders against volumes,
+    and that every volume file exists.
+
+    Raises:
+        InvalidRecordError: naming the record and file, for a malformed record, an unknown role, an empty
+            conversation, no assistant turn, or placeholders that disagree with the volumes.
+        FileNotFoundError: naming the record, file and path, for a volume that does not exist.
+    """
+    if not isinstance(raw, dict):
+        raise InvalidRecordError(
+            f"Entry {index} of {source} is a {type(raw).__name__}, not a record object.", "malformed"
+        )
+    record_id = _record_id(raw, index)
+    where = _describe(record_id, source, index)
+    root = Path(image_root) if image_root is not None else source.parent
+
+    turns = raw.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise InvalidRecordError(f"{where} has no conversation turns.", "empty conversation")
+    messages = [_parse_turn(turn, turn_index, where) for turn_index, turn in enumerate(turns)]
+    if not any(message["role"] == "assistant" for message in messages):
+        raise InvalidRecordError(
+            f"{where} has no assistant turn: there is nothing to learn, and an all -100 label row gives a NaN loss.",
+            "no assistant turn",
+        )
+
+    volume_entries = _volume_entries(raw, where)
+    item_paths = [
+        item.get("image_path")
+        for message in messages
+        if isinstance(message["content"], list)
+        for item in message["content"]
+        if item["type"] == "image"
+    ]
+    if volume_entries is None:
+        volume_entries = [{"path": path} for path in item_paths if path is not None]
+    for entry in volume_entries:
+        token = entry.get("token", image_token)
+        if token != image_token:
+            raise InvalidRecordError(
+                f"{where} marks a volume with the token {token!r}, but the processor's image placeholder is "
+                f"{image_token!r}.",
+                "placeholder mismatch",
+            )
+    volume_paths = [_resolve(entry["path"], root) for entry in volume_entries]
+
+    placeholders = _placeholder_paths(messages, image_token)
+    if len(placeholders) != len(volume_paths):
+        raise InvalidRecordError(
+            f"{where} has {len(placeholders)} image placeholders in its conversation but {len(volume_paths)} volumes; "
+            "each volume needs exactly one placeholder.",
+            "placeholder mismatch",
+        )
+    for position, (item_path, volume_path) in enumerate(zip(placeholders, volume_paths)):
+        if item_path is not None and _resolve(item_path, root) != volume_path:
+            raise InvalidRecordError(
+                f"{where}: image placeholder {position} names {item_path}, but volume {position} of the record is "
+                f"{volume_path}; placeholders map to volumes in order.",
+                "placeholder mismatch",
+            )
+    for volume_path in volume_paths:
+        if not volume_path.is_file():
+            raise FileNotFoundError(f"{where} names volume {volume_path}, which does not exist.")
+
+    return ConversationRecord(
+        record_id=record_id,
+        source=source,
+        index_in_source=index,
+        task_type=raw.get("task_type"),
+        messages=messages,
+        volume_paths=volume_paths,
+        modalities=[entry.get("modality") for entry in volume_entries],
+        metadata=raw.get("metadata") or {},
+    )
+
+
+def _parse_turn(turn: Any, turn_index: int, where: str) -> dict[str, Any]:
+    if not isinstance(turn, dict):
+        raise InvalidRecordError(f"{where}: turn {turn_index} is not an object.", "malformed")
+    role = turn.get("role", turn.get("from"))
+    if role not in ROLE_ALIASES:
+        raise InvalidRecordError(
+            f"{where}: turn {turn_index} has unknown role {role!r}; expected one of {sorted(ROLE_ALIASES)}.",
+            "unknown role",
+        )
+    content = turn["content"] if "content" in turn else turn.get("value")
+    if isinstance(content, list):
+        for item in content:
+            if not (
+                isinstance(item, dict)
+                and (item.get("type") == "image" or (item.get("type") == "text" and isinstance(item.get("text"), str)))
+            ):
+                raise InvalidRecordError(
+                    f"{where}: turn {turn_index} has content item {item!r}; expected "
+                    '{"type": "text", "text": ...} or {"type": "image", ...}.',
+                    "malformed",
+                )
+    elif not isinstance(content, str):
+        raise InvalidRecordError(f"{where}: turn {turn_index} has no text (`content` or `value`).", "malformed")
+    return {"role": ROLE_ALIASES[role], "content": content}
+
+
+def _volume_entries(raw: dict, where: str) -> list[dict[str, Any]] | None:
+    """The record's volumes as `{"path", ...}` dicts, or `None` when the record lists none."""
+    entries = raw["images"] if "images" in raw else raw.get("image")
+    if entries is None:
+        return None
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list):
+        raise InvalidRecordError(f"{where}: `images`/`image` must be a path or a list.", "malformed")
+    entries = [{"path": entry} if isinstance(entry, str) else entry for entry in entries]
+    for entry in entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
+            raise InvalidRecordError(f"{where}: volume entry {entry!r} has no `path`.", "malformed")
+    return entries
+
+
+def _placeholder_paths(messages: list[dict[str, Any]], image_token: str) -> list[str | None]:
+    """One entry per image placeholder in reading order: an image item's `image_path`, or `None`."""
+    placeholders = []
+    for message in messages:
+        content = message["content"]
+        for item in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if item["type"] == "image":
+                placeholders.append(item.get("image_path"))
+            else:
+                placeholders.extend([None] * item["text"].count(image_token))
+    return placeholders
+
+
+def _resolve(path: str, root: Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def tokenize_conversation(
+    processor: UmbrellaLlavaProcessor, messages: list[dict[str, Any]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render `messages` with the processor's chat template and tokenize them with turn-masked labels.
+
+    This is the one place labels are built. The template marks each assistant turn's words and end-of-turn token with
+    a `{% generation %}` block; the rendered text is tokenized whole (with image placeholders expanded to their
+    image-token blocks), and a token is labeled when its characters overlap a marked span.
+
+    Returns:
+        `input_ids (L,)` and `labels (L,)`, int64; labels are -100 outside the assistant spans and on image tokens.
+
+    Raises:
+        ValueError: if the chat template has no `{% generation %}` block.
+    """
+    template = processor.chat_template
+    if not isinstance(template, str) or "generation" not in template:
+        raise ValueError(
+            "The processor's chat template has no `{% generation %}` block marking the assistant's words, so labels "
+            "cannot be built; use umbrella_llava's default template or add the block around assistant content."
+        )
+    rendered, spans = render_jinja_template(
+        conversations=[messages],
+        chat_template=template,
+        return_assistant_tokens_mask=True,
+        **processor.tokenizer.special_tokens_map,
+    )
+    rendered, spans = rendered[0], spans[0]
+
+    # Expanding a placeholder lengthens the text, so a span moves right by the growth of every placeholder before it.
+    growth = len(processor.image_token) * (processor.image_seq_length - 1)
+
+    def expanded_position(position: int) -> int:
+        return position + growth * rendered.count(processor.image_token, 0, position)
+
+    encoding = processor.tokenizer(
+        processor.expand_image_placeholders(rendered), add_special_tokens=False, return_offsets_mapping=True
+    )
+    input_ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
+    offsets = torch.tensor(encoding["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+    learned = torch.zeros_like(input_ids, dtype=torch.bool)
+    for start, end in spans:
+        start, end = expanded_position(start), expanded_position(end)
+        learned |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+    learned &= input_ids != processor.image_token_id
+    labels = torch.where(learned, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return input_ids, labels
+
+
+class ConversationDataset(Dataset):
+    r"""
+    Conversation records (UMBRELLA or LLaVA) as model inputs with turn-masked labels.
+
+    Every record is validated and tokenized at construction, so bad records surface before training; volumes are
+    decoded lazily in `__getitem__` (through a [`VolumeCache`] when `cache_dir` is given).
+
+    Args:
+        path: a `.json` file (one record or a list), a `.jsonl` file, or a folder of them.
+        processor: the [`UmbrellaLlavaProcessor`] whose chat template, tokenizer and image processor are used.
+        image_root: folder that relative volume paths are resolved against; defaults to each data file's folder.
+        max_length: truncate token sequences to this length. Truncation may cut text, never an image-token block.
+        on_invalid: `"error"` raises on the first invalid record; `"skip"` drops invalid records and reports how
+            many, and why, in one warning (the details are in `dataset.skipped`).
+        cache_dir: folder for preprocessed volumes, so later epochs do not decode NIfTI files again.
+
+    `dataset[i]` is `{"input_ids": (L,), "labels": (L,), "pixel_values": (n_i, C, H, W, D)}`, named as the model's
+    forward parameters so the Trainer keeps them; `dataset.records[i]` holds the record (`task_type`, `record_id`,
+    `metadata`, ...) and `dataset.task_types[i]` its task type (`None` for LLaVA records without a `task_type`).
+
+    Raises:
+        InvalidRecordError / FileNotFoundError: with `on_invalid="error"`, naming the record and its file (see
+            [`parse_record`]); also for a record whose image-token block `max_length` would cut, or that keeps no
+            labeled token after truncation.
+        ValueError: if no valid record remains.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        processor: UmbrellaLlavaProcessor,
+        image_root: str | Path | None = None,
+        max_length: int | None = None,
+        on_invalid: Literal["error", "skip"] = "error",
+        cache_dir: str | Path | None = None,
+    ):
+        if on_invalid not in ("error", "skip"):
+            raise ValueError(f"`on_invalid` must be 'error' or 'skip', got {on_invalid!r}.")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"`max_length` must be positive, got {max_length}.")
+        self.path = Path(path)
+        self.processor = processor
+        self.max_length = max_length
+        self.volume_cache = VolumeCache(cache_dir) if cache_dir is not None else None
+
+        self.records: list[ConversationRecord] = []
+        self.lengths: list[int] = []
+        self.skipped: list[tuple[str, str, str]] = []
+        num_read = 0
+        for source, index, raw in read_raw_records(self.path):
+            num_read += 1
+            try:
+                record = parse_record(raw, source, index, processor.image_token, image_root)
+                input_ids, _ = self.encode(record)
+            except (InvalidRecordError, FileNotFoundError) as error:
+                if on_invalid == "error":
+                    raise
+                kind = getattr(error, "kind", "missing volume")
+                self.skipped.append((_describe(_record_id(raw, index), source, index), kind, str(error)))
+                continue
+            self.records.append(record)
+            self.lengths.append(len(input_ids))
+
+        if self.skipped:
+            counts = Counter(kind for _, kind, _ in self.skipped)
+            reasons = ", ".join(f"{kind}: {count}" for kind, count in sorted(counts.items()))
+            warnings.warn(
+                f"Skipped {len(self.skipped)} of {num_read} records in {self.path} ({reasons}). First: "
+                f"{self.skipped[0][2]} See `dataset.skipped` for all.",
+                stacklevel=2,
+            )
+        if not self.records:
+            raise ValueError(f"No valid record in {self.path} ({num_read} read).")
+
+    @property
+    def task_types(self) -> list[str | None]:
+        return [record.task_type for record in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def encode(self, record: ConversationRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize `record` and truncate it to `max_length`: `input_ids (L,)` and `labels (L,)`.
+
+        Raises:
+            InvalidRecordError: if truncation would cut or drop an image-token block, or leave no labeled token.
+        """
+        input_ids, labels = tokenize_conversation(self.processor, record.messages)
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            if (input_ids[self.max_length :] == self.processor.image_token_id).any():
+                raise InvalidRecordError(
+                    f"{record.where} is {len(input_ids)} tokens long; truncating it to max_length={self.max_length} "
+                    "would cut an image-token block. Raise max_length or shorten the conversation.",
+                    "truncation through an image block",
+                )
+            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+        if (labels == IGNORE_INDEX).all():
+            raise InvalidRecordError(
+                f"{record.where} keeps no assistant token within max_length={self.max_length}; an all -100 label "
+                "row gives a NaN loss.",
+                "no assistant token after truncation",
+            )
+        return input_ids, labels
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        input_ids, labels = self.encode(record)
+        image_processor = self.processor.image_processor
+        if self.volume_cache is not None:
+            volumes = [self.volume_cache.get(path, image_processor) for path in record.volume_paths]
+        else:
+            volumes = [image_processor.preprocess_volume(path) for path in record.volume_paths]
+        pixel_values = torch.stack(volumes) if volumes else _no_volumes(image_processor)
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+
+
+def _record_id(raw: Any, index: int) -> str:
+    return str(raw.get("task_id", raw.get("id", f"#{index}"))) if isinstance(raw, dict) else f"#{index}"
+
+
+def _no_volumes(image_processor) -> torch.Tensor:
+    """An empty `(0, C, H, W, D)` stack, for a sample without volumes."""
+    return torch.zeros(0, image_processor.volume_channels, *image_processor.volume_size)
+
+
+class UmbrellaCollator:
+    r"""
+    Batches [`ConversationDataset`] items into the model's forward inputs.
+
+    Token sequences are padded to the longest in the batch (rounded up to `pad_to_multiple_of`): `input_ids` with the
+    tokenizer's pad token, `attention_mask` with 0, `labels` with -100. Volumes are stacked into
+    `pixel_values (B, max_n, C, H, W, D)` with `image_mask (B, max_n)` and `num_images_per_sample (B,)`; a batch in
+    which no sample has a volume carries none of these three keys, which the model reads as text-only.
+
+    Args:
+        processor: the [`UmbrellaLlavaProcessor`] (its tokenizer gives the pad token).
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+        padding_side: `"right"` by default: in training every sequence then starts at position 0 and the pads trail
+            behind the labels. `None` follows the tokenizer's `padding_side` (which is left for generation).
+
+    Returns (from `__call__`):
+        `dict` with `input_ids (B, L)`, `attention_mask (B, L)`, `labels (B, L)` when the items have labels, and the
+        volume inputs above; it goes straight into `model(**batch)`.
+    """
+
+    def __init__(
+        self,
+        processor: UmbrellaLlavaProcessor,
+        pad_to_multiple_of: int | None = None,
+        padding_side: Literal["left", "right"] | None = "right",
+    ):
+        tokenizer = processor.tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` before batching.")
+        self.processor = processor
+        self.pad_token_id = tokenizer.pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_side = padding_side or tokenizer.padding_side
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"`padding_side` must be 'left' or 'right', got {self.padding_side!r}.")
+
+    def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = max(len(feature["input_ids"]) for feature in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        has_labels = all("labels" in feature for feature in features)
+
+        batch_size = len(features)
+        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            positions = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+            input_ids[row, positions] = torch.as_tensor(feature["input_ids"])
+            attention_mask[row, positions] = 1
+            if has_labels:
+                labels[row, positions] = torch.as_tensor(feature["labels"])
+
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if has_labels:
+            batch["labels"] = labels
+        volumes = [
+            feature["pixel_values"] if "pixel_values" in feature else _no_volumes(self.processor.image_processor)
+            for feature in features
+        ]
+        batch.update(drop_volume_inputs_without_volumes(stack_volumes(volumes)))
+        return batch
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ConversationDataset",
+    "ConversationRecord",
+    "InvalidRecordError",
+    "UmbrellaCollator",
+    "parse_record",
+    "read_raw_records",
+    "tokenize_conversation",
+]
