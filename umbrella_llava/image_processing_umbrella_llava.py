@@ -1,0 +1,476 @@
+"""Image processing for UmbrellaLlava: NIfTI volumes of any orientation and spacing → RAS+ tensors of one size.
+
+This file travels to the Hub as remote code: at the top level it imports only the standard library, torch and
+transformers, and siblings with single-dot relative imports. nibabel (to read NIfTI files) and numpy are optional:
+arrays and tensors work without nibabel, and a NIfTI path without it is a clear `ImportError`.
+
+The path of one volume, one small function per step:
+
+    read (`load_volume`: decode once, reorient to RAS+, voxel spacing from the affine)
+      ─▶ NaN/±Inf voxels set to 0
+      ─▶ spatial: resize the field of view to `volume_size` (trilinear), or, with `voxel_spacing`, resample to that
+         spacing and centre-crop/pad to `volume_size`, so that one voxel is always the same number of millimetres
+      ─▶ intensity: clip each channel to its `clip_percentiles`, then min-max to [0, 1] or z-score
+"""
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.processing_utils import ImagesKwargs
+
+from .configuration_umbrella_llava import _as_triple
+
+try:
+    import numpy as np
+except ImportError:  # numpy is optional: tensors need nothing else
+    np = None
+
+try:
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+except ImportError:  # nibabel is optional: only NIfTI paths and images need it
+    nib = None
+
+NORMALIZATIONS = ("minmax", "zscore", "none")
+
+# torch.quantile refuses more elements than this; percentiles of a larger volume are taken on an even subsample.
+_MAX_QUANTILE_ELEMENTS = 2**24
+
+VolumeInput = Union[str, os.PathLike, torch.Tensor, "np.ndarray", "nib.spatialimages.SpatialImage"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading one volume
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def describe_source(source: Any) -> str:
+    """A short name of a volume source for error messages: the file path, or the type and shape of an array."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    filename = source.get_filename() if hasattr(source, "get_filename") else None
+    if filename:
+        return filename
+    return f"<{type(source).__name__} of shape {tuple(getattr(source, 'shape', ()))}>"
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    # What nibabel and the compression libraries raise for a damaged or foreign file (zlib.error is an OSError).
+    return (ImageFileError, HeaderDataError, EOFError, OSError, ValueError)
+
+
+def load_nifti(path: str | os.PathLike) -> "nib.spatialimages.SpatialImage":
+    """Open a `.nii` / `.nii.gz` file (header only; the voxels are decoded later, once).
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ImportError: if nibabel is not installed.
+        ValueError: if the file is not a readable NIfTI (or other nibabel) image; the message names the file.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Volume file not found: {path}")
+    if nib is None:
+        raise ImportError(
+            f"Reading the NIfTI file {path} needs nibabel, which is not installed: `pip install nibabel`. "
+            "Volumes given as numpy arrays or torch tensors work without it."
+        )
+    try:
+        return nib.load(path)
+    except _decode_errors() as err:
+        raise ValueError(f"{path} is not a readable NIfTI file: {err}") from err
+
+
+def _ras_voxels(image: "nib.spatialimages.SpatialImage", name: str) -> tuple[torch.Tensor, tuple[float, ...]]:
+    """Decode a 3-D (or single-frame 4-D) image once as float32 and reorder its voxels to RAS+.
+
+    Returns:
+        The voxels `(H, W, D)` with H running Left→Right, W Posterior→Anterior, D Inferior→Superior, and the voxel
+        spacing along (H, W, D) in mm, from the affine's column norms.
+    """
+    shape = tuple(image.shape)
+    if len(shape) == 4 and shape[3] > 1:
+        raise ValueError(
+            f"{name} is a 4-D volume with {shape[3]} frames (shape {shape}); only 3-D volumes and single-frame 4-D "
+            "files are supported. Split the frames into separate 3-D files."
+        )
+    if len(shape) not in (3, 4):
+        raise ValueError(f"{name} has shape {shape}; expected a 3-D volume (H, W, D).")
+    orientation = nib.orientations.io_orientation(image.affine)
+    if np.isnan(orientation).any():
+        raise ValueError(f"{name} has a degenerate affine, so its orientation is unknown:\n{image.affine}")
+    try:
+        data = image.get_fdata(dtype=np.float32, caching="unchanged")
+    except _decode_errors() as err:
+        raise ValueError(f"Could not decode the voxels of {name} (truncated or damaged file?): {err}") from err
+    voxels = torch.from_numpy(data.reshape(shape[:3]))
+
+    # Input axis i becomes RAS axis orientation[i, 0], reversed where orientation[i, 1] is -1.
+    flipped_axes = [axis for axis, (_, sign) in enumerate(orientation) if sign < 0]
+    if flipped_axes:
+        voxels = voxels.flip(flipped_axes)
+    ras_order = [int(axis) for axis in orientation[:, 0].argsort()]
+    voxels = voxels.permute(ras_order)
+    spacing = nib.affines.voxel_sizes(image.affine)
+    return voxels, tuple(float(spacing[axis]) for axis in ras_order)
+
+
+def load_volume(source: VolumeInput) -> tuple[torch.Tensor, tuple[float, float, float] | None]:
+    """Read one volume as a float32 tensor `(C, H, W, D)`, in RAS+ voxel order where the source has an affine.
+
+    Args:
+        source: a `.nii` / `.nii.gz` path (`str` or `os.PathLike`), a nibabel image, or a numpy array / torch
+            tensor of shape `(H, W, D)` or channel-first `(C, H, W, D)`. Arrays and tensors carry no geometry: they
+            are taken as already RAS+ and already at the processor's voxel spacing.
+
+    Returns:
+        `(volume, spacing)`: the volume `(C, H, W, D)` float32 on the CPU (C is 1 for files), and the voxel spacing
+        along (H, W, D) in mm, or `None` for arrays and tensors. The tensor is always a fresh copy (the caller may
+        change it in place) and may be strided rather than contiguous.
+
+    Raises:
+        FileNotFoundError, ImportError, ValueError: see `load_nifti`; also a ValueError naming the source for a
+            multi-frame 4-D file or a shape that is neither 3-D nor 4-D.
+        TypeError: for any other kind of source.
+    """
+    name = describe_source(source)
+    if isinstance(source, (str, os.PathLike)):
+        source = load_nifti(source)
+    if nib is not None and isinstance(source, nib.spatialimages.SpatialImage):
+        voxels, spacing = _ras_voxels(source, name)
+        return voxels.unsqueeze(0), spacing
+    if isinstance(source, torch.Tensor):
+        volume = source.detach().to(device="cpu", dtype=torch.float32, copy=True)
+    elif np is not None and isinstance(source, np.ndarray):
+        volume = torch.tensor(source, dtype=torch.float32)
+    else:
+        raise TypeError(
+            f"Cannot read a volume from {type(source).__name__}; give a NIfTI path, a nibabel image, a numpy array "
+            "or a torch tensor."
+        )
+    if volume.ndim == 3:
+        volume = volume.unsqueeze(0)
+    if volume.ndim != 4:
+        raise ValueError(f"{name}: expected a volume (H, W, D) or (C, H, W, D), got {volume.ndim} dimensions.")
+    return volume, None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Spatial and intensity steps, on tensors (C, H, W, D)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resize_volume(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Trilinear resize of `(C, H, W, D)` to `(C, *size)`; the field of view is kept, the voxel spacing changes."""
+    if tuple(volume.shape[1:]) == tuple(size):
+        return volume
+    # NIfTI voxels arrive in Fortran order; interpolating in memory order is 3x faster than copying them first.
+    memory_order = sorted(range(3), key=lambda axis: -volume.stride(axis + 1))
+    spatial = [axis + 1 for axis in memory_order]
+    resized = F.interpolate(
+        volume.permute(0, *spatial).unsqueeze(0),
+        size=[size[axis] for axis in memory_order],
+        mode="trilinear",
+        align_corners=False,
+    ).squeeze(0)
+    return resized.permute(0, *[spatial.index(axis) + 1 for axis in range(1, 4)]).contiguous()
+
+
+def resample_to_spacing(
+    volume: torch.Tensor, spacing: Sequence[float], target_spacing: Sequence[float]
+) -> torch.Tensor:
+    """Trilinear resampling of `(C, H, W, D)` from voxel `spacing` to `target_spacing` (mm); the field of view in mm
+    is kept, so the shape becomes round(H * spacing_H / target_H), ... (at least one voxel per axis)."""
+    size = [max(1, round(n * old / new)) for n, old, new in zip(volume.shape[1:], spacing, target_spacing)]
+    return resize_volume(volume, size)
+
+
+def crop_or_pad(volume: torch.Tensor, size: Sequence[int], fill: torch.Tensor) -> torch.Tensor:
+    """Centre-crop or pad `(C, H, W, D)` to `(C, *size)`; padding takes `fill`, shape `(C, 1, 1, 1)`."""
+    pads = []
+    for current, wanted in zip(reversed(volume.shape[1:]), reversed(tuple(size))):
+        before = (wanted - current) // 2
+        pads += [before, wanted - current - before]  # negative pads crop
+    return F.pad(volume - fill, pads) + fill
+
+
+def _percentiles(volume: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:
+    """Per-channel percentiles of `(C, H, W, D)`, shape `(len(percentiles), C, 1, 1, 1)`."""
+    flat = volume.flatten(1)
+    stride = math.ceil(flat.shape[1] * flat.shape[0] / _MAX_QUANTILE_ELEMENTS)
+    q = torch.tensor([p / 100 for p in percentiles], dtype=flat.dtype)
+    return torch.quantile(flat[:, ::stride], q, dim=1)[..., None, None, None]
+
+
+def normalize_intensity(
+    volume: torch.Tensor, normalization: str, clip_percentiles: Sequence[float] | None
+) -> torch.Tensor:
+    """Robust per-channel intensity scale of a finite `(C, H, W, D)` volume.
+
+    Each channel is first clipped to its `clip_percentiles` (low, high), computed over the whole volume, so that a
+    few hot or dark voxels do not set the scale. Then:
+
+    - `"minmax"`: the clipped range maps to [0, 1] (the background of an MRI, at or below the low percentile, is 0);
+    - `"zscore"`: zero mean and unit variance over the foreground, the voxels above the low clip value (all voxels
+      when there are none), so that the amount of air around the head does not change the scale;
+    - `"none"`: clipping only.
+
+    A constant channel becomes 0 in both scales, never NaN.
+    """
+    if clip_percentiles is not None:
+        low, high = _percentiles(volume, clip_percentiles)
+        volume = volume.clamp(min=low, max=high)
+    else:
+        low = volume.amin(dim=(1, 2, 3), keepdim=True)
+        high = volume.amax(dim=(1, 2, 3), keepdim=True)
+    if normalization == "minmax":
+        return (volume - low) / (high - low).clamp_min(1e-8) * (high > low)
+    if normalization == "zscore":
+        foreground = volume > low
+        foreground = torch.where(foreground.flatten(1).any(1)[:, None, None, None], foreground, True)
+        count = foreground.sum(dim=(1, 2, 3), keepdim=True)
+        mean = (volume * foreground).sum(dim=(1, 2, 3), keepdim=True) / count
+        std = (((volume - mean) * foreground).square().sum(dim=(1, 2, 3), keepdim=True) / count).sqrt()
+        return (volume - mean) / std.clamp_min(1e-8) * (std > 0)
+    return volume
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def stack_volumes(volumes_per_sample: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack the volumes of a batch whose samples hold different numbers of volumes.
+
+    Args:
+        volumes_per_sample: one tensor `(n_i, C, H, W, D)` per sample; `n_i` may be 0 (a text-only sample), and an
+            empty tensor of any shape with a leading 0 is accepted for it.
+
+    Returns:
+        `pixel_values` `(B, N, C, H, W, D)` with `N = max(n_i)` and zeros in the padded slots, `image_mask` `(B, N)`
+        bool (True for a real volume), and `num_images_per_sample` `(B,)` int64.
+
+    Raises:
+        ValueError: naming the sample, if a sample is not `(n_i, C, H, W, D)` or its volumes differ in shape from an
+            earlier sample's; or if no sample is 5-D, so the volume shape cannot be known.
+    """
+    reference = None  # (index, (C, H, W, D), dtype) of the first sample that has volumes
+    for index, volumes in enumerate(volumes_per_sample):
+        is_empty = volumes.ndim >= 1 and volumes.shape[0] == 0
+        if volumes.ndim != 5 and not is_empty:
+            raise ValueError(f"Sample {index}: expected volumes (n, C, H, W, D), got shape {tuple(volumes.shape)}.")
+        if is_empty:
+            continue
+        if reference is None:
+            reference = (index, tuple(volumes.shape[1:]), volumes.dtype)
+        elif tuple(volumes.shape[1:]) != reference[1]:
+            raise ValueError(
+                f"Sample {index} has volumes of shape {tuple(volumes.shape[1:])} but sample {reference[0]} has "
+                f"{reference[1]}; all volumes of a batch must be preprocessed to the same (C, H, W, D)."
+            )
+    if reference is None:  # no sample has a volume: the shape comes from an empty (0, C, H, W, D) tensor
+        shaped = [volumes for volumes in volumes_per_sample if volumes.ndim == 5]
+        if not shaped:
+            raise ValueError(
+                "Cannot stack a batch without volumes unless an empty sample is a (0, C, H, W, D) tensor."
+            )
+        reference = (0, tuple(shaped[0].shape[1:]), shaped[0].dtype)
+    _, volume_shape, dtype = reference
+
+    counts = torch.tensor([len(volumes) for volumes in volumes_per_sample], dtype=torch.long)
+    max_count = int(counts.max())
+    pixel_values = torch.zeros((len(volumes_per_sample), max_count, *volume_shape), dtype=dtype)
+    for index, volumes in enumerate(volumes_per_sample):
+        if len(volumes):
+            pixel_values[index, : len(volumes)] = volumes
+    image_mask = torch.arange(max_count)[None, :] < counts[:, None]
+    return {"pixel_values": pixel_values, "image_mask": image_mask, "num_images_per_sample": counts}
+
+
+def _is_volume(item: Any) -> bool:
+    return not isinstance(item, (list, tuple))
+
+
+def _as_batch(images: Any) -> list[list[VolumeInput]]:
+    """Nest `images` as a batch of samples: one volume → one sample; a list of volumes → one sample; a list of
+    lists → a batch (an empty inner list is a sample without volumes; `[]` is one sample without volumes)."""
+    if _is_volume(images):
+        return [[images]]
+    if all(_is_volume(item) for item in images):
+        return [list(images)]
+    if not all(isinstance(item, (list, tuple)) and all(map(_is_volume, item)) for item in images):
+        raise ValueError(
+            "`images` must be one volume, a list of volumes (one sample), or a list with one list of volumes per "
+            "sample; got a mixture or deeper nesting."
+        )
+    return [list(sample) for sample in images]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The image processor
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class UmbrellaVolumeKwargs(ImagesKwargs, total=False):
+    """The options of [`UmbrellaVolumeProcessor`], so that processors and `from_pretrained(..., **kwargs)` pass them."""
+
+    volume_size: int | list[int] | tuple[int, ...]
+    volume_channels: int
+    voxel_spacing: float | list[float] | tuple[float, ...] | None
+    normalization: str
+    clip_percentiles: list[float] | tuple[float, ...] | None
+
+
+def _as_spacing(value: float | Sequence[float] | None) -> list[float] | None:
+    if value is None:
+        return None
+    spacing = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise ValueError(f"`voxel_spacing` must be three positive numbers of mm (H, W, D) or None, got {value}.")
+    return spacing
+
+
+def _as_percentiles(value: Sequence[float] | None) -> list[float] | None:
+    if value is None:
+        return None
+    percentiles = [float(v) for v in value]
+    if len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100:
+        raise ValueError(f"`clip_percentiles` must be (low, high) with 0 <= low < high <= 100 or None, got {value}.")
+    return percentiles
+
+
+class UmbrellaVolumeProcessor(BaseImageProcessor):
+    r"""
+    Turns 3-D volumes (NIfTI paths, nibabel images, arrays, tensors) into the `pixel_values (B, N, C, H, W, D)`,
+    `image_mask (B, N)` and `num_images_per_sample (B,)` that [`UmbrellaLlavaForConditionalGeneration`] takes.
+
+    Files and nibabel images are reoriented to RAS+ from their affine, so the same brain stored LAS, or with its axes
+    permuted, gives the same tensor (rotations are snapped to the closest axes; nothing is interpolated for
+    orientation). Arrays and tensors are taken as RAS+ already.
+
+    Args:
+        volume_size (`tuple[int, int, int]`, defaults to `(96, 96, 96)`):
+            Spatial size (H, W, D) of a preprocessed volume, in voxels; the model config's `volume_size`.
+        volume_channels (`int`, defaults to 1):
+            Channels C per volume; NIfTI files give 1, arrays and tensors `(C, H, W, D)` must match.
+        voxel_spacing (`tuple[float, float, float]`, *optional*):
+            If set, volumes are resampled to this spacing in mm (from the affine of a file) and centre-cropped or
+            padded (with each channel's minimum) to `volume_size`, so one voxel is always the same size in mm. If
+            `None`, the whole field of view is resized to `volume_size`, whatever its size in mm.
+        normalization (`str`, defaults to `"minmax"`):
+            `"minmax"` (to [0, 1]), `"zscore"` (over the foreground) or `"none"`, after clipping; see
+            `normalize_intensity`.
+        clip_percentiles (`tuple[float, float]`, *optional*, defaults to `(0.5, 99.5)`):
+            Per-channel percentiles to clip to before normalising; `None` clips nothing (min-max then uses the
+            extremes).
+
+    NaN and ±Inf voxels are set to 0 before anything else, and a constant volume becomes zeros: the output is always
+    finite.
+
+    Raises:
+        ValueError: at construction, for a bad option; at call time, naming the volume, for a volume with another
+            channel count than `volume_channels`, a multi-frame 4-D file, or an unreadable file.
+        FileNotFoundError: naming the path of a missing file.
+    """
+
+    model_input_names = ["pixel_values", "image_mask", "num_images_per_sample"]
+    valid_kwargs = UmbrellaVolumeKwargs
+    # Bump when the output for the same options changes, so that caches of preprocessed volumes are not reused.
+    preprocessing_revision = 1
+
+    def __init__(
+        self,
+        volume_size: int | Sequence[int] = (96, 96, 96),
+        volume_channels: int = 1,
+        voxel_spacing: float | Sequence[float] | None = None,
+        normalization: str = "minmax",
+        clip_percentiles: Sequence[float] | None = (0.5, 99.5),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.volume_size = list(_as_triple(volume_size, "volume_size"))
+        if int(volume_channels) < 1:
+            raise ValueError(f"`volume_channels` must be at least 1, got {volume_channels}.")
+        self.volume_channels = int(volume_channels)
+        self.voxel_spacing = _as_spacing(voxel_spacing)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}, got {normalization!r}.")
+        self.normalization = normalization
+        self.clip_percentiles = _as_percentiles(clip_percentiles)
+
+    def preprocessing_options(self) -> dict[str, Any]:
+        """The options that decide the output of `preprocess_volume`, JSON-serialisable."""
+        return {
+            "volume_size": self.volume_size,
+            "volume_channels": self.volume_channels,
+            "voxel_spacing": self.voxel_spacing,
+            "normalization": self.normalization,
+            "clip_percentiles": self.clip_percentiles,
+        }
+
+    def preprocess_volume(self, source: VolumeInput) -> torch.Tensor:
+        """Preprocess one volume.
+
+        Args:
+            source: a NIfTI path, a nibabel image, or an array / tensor `(H, W, D)` or `(C, H, W, D)` (see
+                `load_volume`).
+
+        Returns:
+            float32 tensor `(C, H, W, D)` = `(volume_channels, *volume_size)`, finite, normalised.
+        """
+        volume, spacing = load_volume(source)
+        if volume.shape[0] != self.volume_channels:
+            raise ValueError(
+                f"{describe_source(source)} has {volume.shape[0]} channel(s) but this processor expects "
+                f"volume_channels={self.volume_channels}; arrays and tensors are read channel-first (C, H, W, D)."
+            )
+        volume = torch.nan_to_num_(volume, nan=0.0, posinf=0.0, neginf=0.0)
+        if self.voxel_spacing is None:
+            volume = resize_volume(volume, self.volume_size)
+            return normalize_intensity(volume, self.normalization, self.clip_percentiles).contiguous()
+        if spacing is not None:
+            volume = resample_to_spacing(volume, spacing, self.voxel_spacing)
+        volume = normalize_intensity(volume, self.normalization, self.clip_percentiles)
+        background = volume.amin(dim=(1, 2, 3), keepdim=True)
+        return crop_or_pad(volume, self.volume_size, fill=background).contiguous()
+
+    def preprocess(self, images: Any, return_tensors: str | None = None, **kwargs) -> BatchFeature:
+        """Preprocess the volumes of a batch of samples.
+
+        Args:
+            images: a list with one list of volumes per sample (`[[t1, t2], [], [t1]]`; a sample may have none), or,
+                for a single sample, one volume or a flat list of volumes. A volume is anything `preprocess_volume`
+                takes.
+            return_tensors: `"pt"` (or `None`: torch tensors too), or `"np"`.
+            **kwargs: per-call overrides of the constructor's options (`volume_size`, `voxel_spacing`, ...).
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` `(B, N, C, H, W, D)` float32, N the most volumes in a sample and
+            zeros in the padded slots; `image_mask` `(B, N)` bool; `num_images_per_sample` `(B,)` int64.
+        """
+        processor = self._with_overrides(kwargs)
+        empty = torch.zeros((0, processor.volume_channels, *processor.volume_size))
+        volumes_per_sample = [
+            torch.stack([processor.preprocess_volume(source) for source in sample]) if sample else empty
+            for sample in _as_batch(images)
+        ]
+        return BatchFeature(data=stack_volumes(volumes_per_sample), tensor_type=return_tensors)
+
+    def _with_overrides(self, kwargs: dict[str, Any]) -> "UmbrellaVolumeProcessor":
+        overrides = {key: value for key, value in kwargs.items() if value is not None}
+        unknown = sorted(set(overrides) - set(self.preprocessing_options()))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} does not take {unknown}; its options are {list(self.preprocessing_options())}."
+            )
+        return type(self)(**{**self.preprocessing_options(), **overrides}) if overrides else self
+
+
+__all__ = ["UmbrellaVolumeProcessor", "stack_volumes", "load_volume", "load_nifti"]
