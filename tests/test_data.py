@@ -425,3 +425,21 @@ def test_items_survive_the_trainers_column_filter_and_the_batch_gives_a_finite_l
     with torch.no_grad():
         loss = model(**batch).loss
     assert torch.isfinite(loss) and loss > 0
+
+
+@pytest.mark.slow
+def test_stock_trainer_trains_on_the_dataset_with_the_collator(tiny_processor, tokenizer, mixed_dataset, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from umbrella_llava import UmbrellaLlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = UmbrellaLlavaForConditionalGeneration(tiny_config(tokenizer))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3, report_to=[], dataloader_pin_memory=False
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=mixed_dataset, data_collator=UmbrellaCollator(tiny_processor)
+    )
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))

@@ -98,6 +98,20 @@ def test_default_chat_template_renders_content_items_and_strings_and_opens_the_a
     assert prompt == expected + "<|im_start|>assistant\n"
 
 
+def test_chat_template_with_tokenize_gives_the_inputs_of_the_processor_call(tiny_processor, mni_t1_path):
+    conversation = [
+        {"role": "user", "content": [{"type": "image", "path": str(mni_t1_path)}, {"type": "text", "text": "T1?"}]}
+    ]
+    inputs = tiny_processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    prompt = "<|im_start|>user\n<image>\nT1?<|im_end|>\n<|im_start|>assistant\n"
+    expected = tiny_processor(text=prompt, images=[[mni_t1_path]], return_tensors="pt")
+    assert set(inputs) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(inputs[key], value), key
+
+
 def test_a_given_chat_template_replaces_the_default(tokenizer):
     template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
     processor = UmbrellaLlavaProcessor(
