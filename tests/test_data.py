@@ -297,6 +297,16 @@ def test_invalid_records_are_errors_naming_the_record_and_file(
     assert f"record '{record_id}' (entry 1 of {path})" in str(error.value)
 
 
+def test_jsonl_errors_name_the_line(tiny_processor, data_dir):
+    path = data_dir / "records.jsonl"
+    path.write_text(json.dumps(umbrella_t1()) + "\n" + json.dumps(record_without_assistant_turn()) + "\n")
+    with pytest.raises(InvalidRecordError, match=f"record 't1-sub01' \\(line 2 of {path}\\) has no assistant turn"):
+        ConversationDataset(path, tiny_processor)
+    path.write_text(json.dumps(umbrella_t1()) + "\n{not json\n")
+    with pytest.raises(ValueError, match=f"{path}, line 2: not valid JSON"):
+        ConversationDataset(path, tiny_processor)
+
+
 def test_skip_mode_drops_invalid_records_and_counts_them_in_one_warning(tiny_processor, data_dir):
     missing = umbrella_t1()
     missing["task_id"] = "missing"

@@ -60,11 +60,12 @@ class ConversationRecord:
 
 
 def _describe(record_id: str, source: Path, index: int) -> str:
-    return f"record '{record_id}' (entry {index} of {source})"
+    position = f"line {index + 1}" if source.suffix == ".jsonl" else f"entry {index}"
+    return f"record '{record_id}' ({position} of {source})"
 
 
 def read_raw_records(path: str | Path) -> Iterator[tuple[Path, int, Any]]:
-    """Yield `(file, index in file, raw record)` from a `.json` (a record or a list), a `.jsonl`, or a folder.
+    """Yield `(file, index in file (0-based; JSONL: line - 1), raw record)` from a `.json` (a record or a list), a `.jsonl`, or a folder.
 
     Raises:
         FileNotFoundError: if `path` does not exist.
@@ -116,7 +117,7 @@ def parse_record(
     """
     if not isinstance(raw, dict):
         raise InvalidRecordError(
-            f"Entry {index} of {source} is a {type(raw).__name__}, not a record object.", "malformed"
+            f"{_describe(f'#{index}', source, index)} is a {type(raw).__name__}, not a record object.", "malformed"
         )
     record_id = _record_id(raw, index)
     where = _describe(record_id, source, index)
@@ -132,16 +133,10 @@ def parse_record(
             "no assistant turn",
         )
 
+    placeholders = _placeholder_paths(messages, image_token)
     volume_entries = _volume_entries(raw, where)
-    item_paths = [
-        item.get("image_path")
-        for message in messages
-        if isinstance(message["content"], list)
-        for item in message["content"]
-        if item["type"] == "image"
-    ]
     if volume_entries is None:
-        volume_entries = [{"path": path} for path in item_paths if path is not None]
+        volume_entries = [{"path": path} for path in placeholders if path is not None]
     for entry in volume_entries:
         token = entry.get("token", image_token)
         if token != image_token:
@@ -151,8 +146,6 @@ def parse_record(
                 "placeholder mismatch",
             )
     volume_paths = [_resolve(entry["path"], root) for entry in volume_entries]
-
-    placeholders = _placeholder_paths(messages, image_token)
     if len(placeholders) != len(volume_paths):
         raise InvalidRecordError(
             f"{where} has {len(placeholders)} image placeholders in its conversation but {len(volume_paths)} volumes; "
