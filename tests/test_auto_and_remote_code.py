@@ -110,3 +110,24 @@ def test_from_pretrained_restores_every_tensor(tmp_path, tiny_model):
     reloaded_state = reloaded.state_dict()
     for name, tensor in tiny_model.state_dict().items():
         torch.testing.assert_close(reloaded_state[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_processors_resolve_through_auto_classes(tmp_path, tokenizer, tiny_model):
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    from umbrella_llava import UmbrellaLlavaProcessor, UmbrellaVolumeProcessor
+
+    config = tiny_model.config
+    processor = UmbrellaLlavaProcessor(
+        image_processor=UmbrellaVolumeProcessor(volume_size=config.volume_size),
+        tokenizer=tokenizer,
+        image_seq_length=config.image_seq_length,
+    )
+    tiny_model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "processing_umbrella_llava.py").exists()
+    assert (tmp_path / "image_processing_umbrella_llava.py").exists()
+    assert type(AutoProcessor.from_pretrained(tmp_path)) is UmbrellaLlavaProcessor
+    image_processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(image_processor) is UmbrellaVolumeProcessor
+    assert image_processor.volume_size == list(config.volume_size)
