@@ -394,13 +394,9 @@ def build_volume_processor(
 ) -> UmbrellaLlavaProcessor:
     """An UmbrellaLlavaProcessor that matches `config` (volume size, channels, tokens per volume).
 
-    Both processor classes are registered for their Auto classes, so `save_pretrained` writes their code and
-    `auto_map` and the folder loads with `AutoProcessor.from_pretrained(..., trust_remote_code=True)`.
+    Importing umbrella_llava registers both processor classes for their Auto classes, so `save_pretrained` writes
+    their code and `auto_map` and the folder loads with `AutoProcessor.from_pretrained(..., trust_remote_code=True)`.
     """
-    if UmbrellaLlavaProcessor._auto_class is None:
-        UmbrellaLlavaProcessor.register_for_auto_class("AutoProcessor")
-    if UmbrellaVolumeProcessor._auto_class is None:
-        UmbrellaVolumeProcessor.register_for_auto_class("AutoImageProcessor")
     image_processor = UmbrellaVolumeProcessor(volume_size=config.volume_size, volume_channels=config.volume_channels)
     return UmbrellaLlavaProcessor(
         image_processor=image_processor,
