@@ -1,0 +1,507 @@
+"""scripts/train.py and umbrella_llava.training: the CLI end to end on real brain volumes, what each train mode
+trains, resuming on the same loss curve, DDP with two CPU processes, generation accuracy, and bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, run_without_package, tiny_config
+from transformers import LlavaConfig, Trainer, TrainerCallback
+
+from umbrella_llava import UmbrellaLlavaForConditionalGeneration
+from umbrella_llava.image_processing_umbrella_llava import UmbrellaVolumeProcessor
+from umbrella_llava.processing_umbrella_llava import UmbrellaLlavaProcessor
+from umbrella_llava.training import (
+    ModelArguments,
+    accuracy_metrics,
+    build_trainer,
+    check_distributed_launch,
+    evaluate_generation,
+    generation_prompt,
+    main,
+    normalize_answer,
+    parse_arguments,
+    register_processor_auto_classes,
+)
+
+TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
+
+
+def single_volume_record(index: int, volume: str, answer: str) -> dict:
+    return {
+        "task_id": f"t1-{index}",
+        "task_type": "T1",
+        "images": [{"path": volume, "token": "<image>", "modality": "T1"}],
+        "conversations": [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "Is this a T1-weighted brain MRI?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+    }
+
+
+def comparison_record(index: int, first: str, second: str, answer: str) -> dict:
+    return {
+        "task_id": f"t2-{index}",
+        "task_type": "T2",
+        "images": [{"path": first}, {"path": second}],
+        "conversations": [
+            {"role": "system", "content": "You are a helpful radiology assistant."},
+            {"role": "user", "content": "<image>\n<image>\nWhich scan is brighter?"},
+            {"role": "assistant", "content": answer},
+        ],
+    }
+
+
+TEXT_ONLY_RECORD = {
+    "id": "text-only",
+    "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "Yes."}],
+}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def run_inputs(tmp_path_factory, tokenizer, mni_volume_paths) -> dict[str, Path]:
+    """A tiny UmbrellaLlava checkpoint (model + processor + code) and train / eval JSONL on the MNI152 templates.
+
+    The training set has 8 records (single-volume T1 questions, two-volume T2 comparisons, one text-only record, so
+    that a batch without volumes occurs); the eval set has 2 T1 and 1 T2 records.
+    """
+    root = tmp_path_factory.mktemp("train_script")
+    for name, path in mni_volume_paths.items():
+        shutil.copy(path, root / f"{name.lower()}.nii.gz")
+    register_processor_auto_classes()
+    torch.manual_seed(0)
+    checkpoint = root / "checkpoint"
+    UmbrellaLlavaForConditionalGeneration(tiny_config(tokenizer)).save_pretrained(checkpoint)
+    UmbrellaLlavaProcessor(
+        image_processor=UmbrellaVolumeProcessor(volume_size=(16, 16, 16)), tokenizer=tokenizer, image_seq_length=8
+    ).save_pretrained(checkpoint)
+    train = [
+        single_volume_record(0, "t1.nii.gz", "Yes."),
+        single_volume_record(1, "gm.nii.gz", "No."),
+        comparison_record(0, "t1.nii.gz", "gm.nii.gz", "The first."),
+        TEXT_ONLY_RECORD,
+        single_volume_record(2, "wm.nii.gz", "No."),
+        comparison_record(1, "wm.nii.gz", "t1.nii.gz", "The second."),
+        single_volume_record(3, "t1.nii.gz", "Yes."),
+        single_volume_record(4, "gm.nii.gz", "No."),
+    ]
+    evaluation = [
+        single_volume_record(10, "t1.nii.gz", "Yes."),
+        single_volume_record(11, "wm.nii.gz", "No."),
+        comparison_record(10, "gm.nii.gz", "t1.nii.gz", "The second."),
+    ]
+    return {
+        "root": root,
+        "checkpoint": checkpoint,
+        "train": write_jsonl(root / "train.jsonl", train),
+        "eval": write_jsonl(root / "eval.jsonl", evaluation),
+        "cache": root / "volume_cache",
+    }
+
+
+def train_args(run_inputs, output_dir: Path, *extra: str, eval_data: bool = False) -> list[str]:
+    args = [
+        "--model_name_or_path", str(run_inputs["checkpoint"]),
+        "--train_data", str(run_inputs["train"]),
+        "--output_dir", str(output_dir),
+        "--cache_dir", str(run_inputs["cache"]),
+        "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "4",
+        "--logging_steps", "1",
+        "--learning_rate", "1e-3",
+        "--use_cpu",
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+        "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    if eval_data:
+        args += ["--eval_data", str(run_inputs["eval"])]
+    return args + list(extra)
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def step_losses(log_history: list[dict]) -> dict[int, float]:
+    return {entry["step"]: entry["loss"] for entry in log_history if "loss" in entry}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CLI end to end
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_trains_writes_complete_remote_code_checkpoints_and_reports_generation_accuracy(run_inputs, tmp_path):
+    output_dir = tmp_path / "run"
+    args = train_args(
+        run_inputs, output_dir, "--train_mode", "embedder_projector", "--max_steps", "2", "--save_steps", "2",
+        eval_data=True,
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), *args], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "train_mode=embedder_projector:" in result.stdout and "parameters trainable" in result.stdout
+
+    checkpoint = output_dir / "checkpoint-2"
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"].startswith("modeling_umbrella_llava.")
+    processor_config = json.loads((checkpoint / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_umbrella_llava.UmbrellaLlavaProcessor"}
+    for name in (
+        "model.safetensors",
+        "modeling_umbrella_llava.py",
+        "configuration_umbrella_llava.py",
+        "processing_umbrella_llava.py",
+        "image_processing_umbrella_llava.py",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "trainer_state.json",
+        "optimizer.pt",
+    ):
+        assert (checkpoint / name).is_file(), name
+
+    report = json.loads((output_dir / "eval_generation.json").read_text())
+    assert set(report["metrics"]) == {"eval_accuracy_T1", "eval_accuracy_T2", "eval_accuracy_overall"}
+    assert {task: counts["total"] for task, counts in report["per_task"].items()} == {"T1": 2, "T2": 1}
+    assert [r["record_id"] for r in report["results"]] == ["t1-10", "t1-11", "t2-10"]
+    assert report["results"][2]["reference"] == "The second."
+    assert report["results"][2]["prompt"].endswith("Which scan is brighter?<|im_end|>\n<|im_start|>assistant\n")
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert any("eval_accuracy_overall" in entry for entry in state["log_history"])
+
+    # The checkpoint is complete: it loads and runs where umbrella_llava cannot be imported.
+    run_without_package(
+        f"""
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        checkpoint = {str(checkpoint)!r}
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+        assert type(model).__name__ == "UmbrellaLlavaForConditionalGeneration", type(model)
+        assert type(processor).__name__ == "UmbrellaLlavaProcessor", type(processor)
+        batch = processor(text="<image>\\nIs this a T1?", images=[{str(run_inputs["root"] / "t1.nii.gz")!r}],
+                          return_tensors="pt")
+        assert torch.isfinite(model(**batch).logits).all()
+        """,
+        cwd=tmp_path,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What each train mode trains
+# ---------------------------------------------------------------------------------------------------------------------
+
+EXPECTED_TRAINABLE = {
+    "embedder": lambda name: name.startswith("model.vision_tower.embeddings."),
+    "embedder_projector": lambda name: name.startswith(
+        ("model.vision_tower.embeddings.", "model.multi_modal_projector.")
+    ),
+    "full": lambda name: True,
+}
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+@pytest.mark.parametrize("train_mode", ["embedder", "embedder_projector", "full"])
+def test_train_mode_trains_exactly_its_parameters(run_inputs, tmp_path, train_mode):
+    trainer, _ = build_trainer(
+        *parse_arguments(train_args(run_inputs, tmp_path, "--train_mode", train_mode, "--max_steps", "2"))
+    )
+    before = _parameters(trainer.model)
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable == {name for name in before if EXPECTED_TRAINABLE[train_mode](name)}
+
+    trainer.train()
+    after = _parameters(trainer.model)
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved == trainable
+
+
+def test_lora_trains_adapters_on_the_language_model_and_the_embedder_and_projector_in_full(run_inputs, tmp_path):
+    pytest.importorskip("peft")
+    args = train_args(run_inputs, tmp_path, "--train_mode", "lora", "--lora_r", "4", "--max_steps", "2")
+    trainer, _ = build_trainer(*parse_arguments(args))
+    before = _parameters(trainer.model)
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+
+    lora = {name for name in trainable if ".lora_" in name}
+    full_copies = trainable - lora
+    assert lora and all(".model.language_model." in name for name in lora)
+    # every linear layer of every language-model block, and nothing in the vision tower
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in lora}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert full_copies and all(".modules_to_save.default." in name for name in full_copies)
+    assert {name.split(".modules_to_save")[0].rsplit("model.", 1)[-1] for name in full_copies} == {
+        "vision_tower.embeddings",
+        "multi_modal_projector",
+    }
+
+    trainer.train()
+    after = _parameters(trainer.model)
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved == trainable
+
+
+def test_lora_target_modules_must_be_language_model_linear_layers(run_inputs, tmp_path):
+    pytest.importorskip("peft")
+    args = train_args(run_inputs, tmp_path, "--train_mode", "lora", "--lora_target_modules", "q_proj", "fc1")
+    with pytest.raises(ValueError, match=r"\['fc1'\] are not linear layers of the language model"):
+        build_trainer(*parse_arguments(args))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resuming
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after `step` (the run saves there, as a killed run's last checkpoint)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train_mode", ["full", "lora"])
+def test_resume_from_checkpoint_continues_the_same_loss_curve(run_inputs, tmp_path, train_mode):
+    if train_mode == "lora":
+        pytest.importorskip("peft")
+    # 8 records, batch 2: 4 steps per epoch, so step 3 is mid-epoch and the run crosses an epoch boundary.
+    common = ("--train_mode", train_mode, "--max_steps", "6", "--save_steps", "3", "--lora_r", "4")
+    uninterrupted, _ = build_trainer(*parse_arguments(train_args(run_inputs, tmp_path / "a", *common)))
+    uninterrupted.train()
+    expected = step_losses(uninterrupted.state.log_history)
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+
+    interrupted, _ = build_trainer(*parse_arguments(train_args(run_inputs, tmp_path / "b", *common)))
+    interrupted.add_callback(StopAt(3))
+    interrupted.train()
+    assert interrupted.state.global_step == 3 and (tmp_path / "b" / "checkpoint-3").is_dir()
+
+    resumed = main(train_args(run_inputs, tmp_path / "b", *common, "--resume_from_checkpoint", "last"))
+    losses = step_losses(resumed.state.log_history)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(
+        torch.tensor([losses[s] for s in range(1, 7)]), torch.tensor([expected[s] for s in range(1, 7)])
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DDP with two CPU processes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*command, str(TRAIN_SCRIPT), *args],
+        cwd=cwd,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_forms_one_group_and_matches_one_process_with_the_double_batch(run_inputs, tmp_path):
+    pytest.importorskip("peft")
+    # LoRA: frozen base, wrapped embedder and projector, and a text-only batch, with find_unused_parameters=False.
+    common = ("--train_mode", "lora", "--lora_r", "4", "--lora_dropout", "0", "--num_train_epochs", "1")
+    result = torchrun(train_args(run_inputs, tmp_path / "ddp", *common, eval_data=True), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "world_size=2, global batch 4" in result.stdout
+
+    check = json.loads((tmp_path / "ddp" / "distributed_check.json").read_text())
+    assert check["world_size"] == 2 and check["backend"] == "gloo"
+    assert len(check["fingerprints"]) == 2 and check["in_sync"] and len(set(check["fingerprints"])) == 1
+    state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2, "8 records at 2 per process: 2 steps only if the two processes share the epoch"
+    report = json.loads((tmp_path / "ddp" / "eval_generation.json").read_text())
+    assert [r["record_id"] for r in report["results"]] == ["t1-10", "t1-11", "t2-10"]  # each record once
+
+    # The same run in one process with twice the per-device batch takes the same steps.
+    single = main(train_args(run_inputs, tmp_path / "single", *common) + ["--per_device_train_batch_size", "4"])
+    torch.testing.assert_close(
+        torch.tensor(list(step_losses(state["log_history"]).values())),
+        torch.tensor(list(step_losses(single.state.log_history).values())),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is about machines without an accelerator")
+def test_multi_process_launch_without_use_cpu_on_a_cpu_machine_is_refused(run_inputs, tmp_path):
+    _, _, training_args = parse_arguments([a for a in train_args(run_inputs, tmp_path) if a != "--use_cpu"])
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 .* --use_cpu is not set: each process would train alone"):
+        check_distributed_launch(training_args, environ={"WORLD_SIZE": "2"})
+    check_distributed_launch(training_args, environ={"WORLD_SIZE": "1"})
+    training_args.use_cpu = True
+    check_distributed_launch(training_args, environ={"WORLD_SIZE": "2"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation accuracy
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_normalize_answer_ignores_case_punctuation_and_spacing():
+    assert normalize_answer("  Yes. ") == normalize_answer("yes") == "yes"
+    assert normalize_answer("The FIRST!") == "the first"
+    assert normalize_answer("T1-weighted") == "t1 weighted"
+    assert normalize_answer("No") != normalize_answer("Not")
+
+
+def test_accuracy_metrics_per_task_type_and_overall():
+    results = [
+        {"task_type": "T1", "correct": True},
+        {"task_type": "T1", "correct": False},
+        {"task_type": "T2", "correct": True},
+        {"task_type": "untyped", "correct": True},
+    ]
+    assert accuracy_metrics(results) == {
+        "eval_accuracy_T1": 0.5,
+        "eval_accuracy_T2": 1.0,
+        "eval_accuracy_untyped": 1.0,
+        "eval_accuracy_overall": 0.75,
+    }
+
+
+class AnswersYes(torch.nn.Module):
+    """Stands in for the model: 'generates' the tokens of "Yes." after every prompt, and records its inputs."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.answer = torch.tensor(tokenizer.encode("Yes.<|im_end|>", add_special_tokens=False))
+        self.calls = []
+
+    def generate(self, input_ids, max_new_tokens, do_sample, **volumes):
+        self.calls.append({"input_ids": input_ids, **volumes})
+        return torch.cat([input_ids, self.answer.expand(input_ids.shape[0], -1)], dim=1)
+
+
+def test_evaluate_generation_prompts_with_the_turns_before_the_answer_and_scores_per_task(run_inputs, tiny_processor):
+    from umbrella_llava.data import ConversationDataset
+
+    dataset = ConversationDataset(run_inputs["eval"], tiny_processor)
+    messages, reference = generation_prompt(dataset.records[2])
+    assert reference == "The second." and [m["role"] for m in messages] == ["system", "user"]
+
+    model = AnswersYes(tiny_processor.tokenizer)
+    report = evaluate_generation(model, tiny_processor, dataset, batch_size=2)
+    assert report["metrics"] == {"eval_accuracy_T1": 0.5, "eval_accuracy_T2": 0.0, "eval_accuracy_overall": 1 / 3}
+    assert [r["prediction"] for r in report["results"]] == ["Yes."] * 3
+    # batch 1: two single-volume prompts; batch 2: the comparison with its two volumes, left-padded prompts
+    assert [call["pixel_values"].shape[:2] for call in model.calls] == [(2, 1), (1, 2)]
+    image_tokens = (model.calls[1]["input_ids"] == tiny_processor.image_token_id).sum().item()
+    assert image_tokens == 2 * 8
+    assert all((call["input_ids"][:, -1] == call["input_ids"][0, -1]).all() for call in model.calls)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: each is refused before any training step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(Trainer, "train", refuse)
+
+
+@pytest.mark.parametrize("flag", ["--learning_rat", "--lora_rank"], ids=["abbreviation", "unknown"])
+def test_unknown_or_abbreviated_flag_is_refused(run_inputs, tmp_path, no_training, flag):
+    with pytest.raises(ValueError, match=rf"not used by the HfArgumentParser: \['{flag}', '0.1'\]"):
+        main(train_args(run_inputs, tmp_path) + [flag, "0.1"])
+
+
+def test_missing_train_data_is_refused(run_inputs, tmp_path, no_training, capsys):
+    args = train_args(run_inputs, tmp_path)
+    index = args.index("--train_data")
+    with pytest.raises(SystemExit):
+        main(args[:index] + args[index + 2 :])
+    assert "--train_data" in capsys.readouterr().err
+
+
+def test_a_stock_llava_checkpoint_points_at_the_conversion_script(run_inputs, tmp_path, no_training):
+    LlavaConfig().save_pretrained(tmp_path / "llava")
+    args = train_args(run_inputs, tmp_path / "out")
+    args[args.index("--model_name_or_path") + 1] = str(tmp_path / "llava")
+    with pytest.raises(
+        ValueError, match=r"is a 'llava' checkpoint, not an UmbrellaLlava one.*convert_llava_checkpoint"
+    ):
+        main(args)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", r"--train_data .*empty.jsonl: No valid record"),
+        (json.dumps(TEXT_ONLY_RECORD) + '\n{"id": "b", oops}\n', r"empty.jsonl, line 2: not valid JSON"),
+    ],
+    ids=["empty", "unparsable-line"],
+)
+def test_empty_or_unparsable_data_is_refused_naming_the_file(run_inputs, tmp_path, no_training, content, message):
+    data = tmp_path / "empty.jsonl"
+    data.write_text(content)
+    args = train_args(run_inputs, tmp_path / "out")
+    args[args.index("--train_data") + 1] = str(data)
+    with pytest.raises(ValueError, match=message):
+        main(args)
+
+
+def test_missing_data_file_and_checkpoint_are_refused(run_inputs, tmp_path, no_training):
+    args = train_args(run_inputs, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint .*nowhere: no such folder"):
+        main(args + ["--resume_from_checkpoint", str(tmp_path / "nowhere")])
+    args[args.index("--train_data") + 1] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="--train_data .*missing.jsonl"):
+        main(args)
+
+
+def test_train_mode_is_a_choice(run_inputs, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_arguments(train_args(run_inputs, tmp_path, "--train_mode", "everything"))
+    assert "invalid choice: 'everything'" in capsys.readouterr().err
+    assert ModelArguments.__dataclass_fields__["train_mode"].default == "embedder"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed configs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_parse_and_leave_sizes_to_the_trainer(stage):
+    config = json.loads((REPO_ROOT / "ds_configs" / f"zero{stage}.json").read_text())
+    assert config["zero_optimization"]["stage"] == stage
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert config[key] == "auto"
+    assert config["bf16"]["enabled"] == "auto"
+    if stage == 3:  # the Trainer's save_model needs the gathered weights to write a loadable checkpoint
+        assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
