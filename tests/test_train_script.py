@@ -26,7 +26,6 @@ from umbrella_llava.training import (
     main,
     normalize_answer,
     parse_arguments,
-    register_processor_auto_classes,
 )
 
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
@@ -81,7 +80,6 @@ def run_inputs(tmp_path_factory, tokenizer, mni_volume_paths) -> dict[str, Path]
     root = tmp_path_factory.mktemp("train_script")
     for name, path in mni_volume_paths.items():
         shutil.copy(path, root / f"{name.lower()}.nii.gz")
-    register_processor_auto_classes()
     torch.manual_seed(0)
     checkpoint = root / "checkpoint"
     UmbrellaLlavaForConditionalGeneration(tiny_config(tokenizer)).save_pretrained(checkpoint)

@@ -47,7 +47,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
 from .data import ConversationDataset, ConversationRecord, UmbrellaCollator
-from .image_processing_umbrella_llava import UmbrellaVolumeProcessor, stack_volumes
+from .image_processing_umbrella_llava import stack_volumes
 from .processing_umbrella_llava import UmbrellaLlavaProcessor, drop_volume_inputs_without_volumes
 
 logger = logging.getLogger(__name__)
@@ -275,28 +275,17 @@ def check_replicas_in_sync(trainer: Trainer) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def register_processor_auto_classes() -> None:
-    """Make `AutoProcessor` resolve UmbrellaLlava checkpoints to the installed classes, and make `save_pretrained`
-    write the processor's code and `auto_map`, so that every checkpoint is a complete trust_remote_code folder.
-
-    Without this, `AutoProcessor.from_pretrained` on such a folder returns the bare tokenizer, and a saved processor
-    carries no code. Idempotent.
-    """
-    if UmbrellaLlavaProcessor._auto_class is None:
-        UmbrellaLlavaProcessor.register_for_auto_class("AutoProcessor")
-    if UmbrellaVolumeProcessor._auto_class is None:
-        UmbrellaVolumeProcessor.register_for_auto_class("AutoImageProcessor")
-    AutoProcessor.register(UmbrellaLlavaConfig, UmbrellaLlavaProcessor, exist_ok=True)
-
-
 def load_model_and_processor(model_args: ModelArguments) -> tuple[PreTrainedModel, UmbrellaLlavaProcessor]:
     """Load an UmbrellaLlava model and its processor from a Hub id or a folder.
+
+    Importing umbrella_llava registers its classes with the Auto classes, so they take precedence over a checkpoint's
+    own code, and registers them for `auto_map`, so every folder the Trainer saves carries the code (model and
+    processor) and loads with `trust_remote_code=True` without the package.
 
     Raises:
         ValueError: if the checkpoint cannot be read, is a stock LLaVA (pointing at the conversion script) or another
             model, or if its processor is not an UmbrellaLlavaProcessor matching the model's `image_seq_length`.
     """
-    register_processor_auto_classes()
     source = model_args.model_name_or_path
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
@@ -774,6 +763,5 @@ __all__ = [
     "main",
     "normalize_answer",
     "parameter_fingerprint",
-    "register_processor_auto_classes",
     "run_training",
 ]
