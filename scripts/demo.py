@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Teach a small UmbrellaLlava to answer questions about real brain volumes, on a CPU, in about five minutes.
 
-    python scripts/demo.py [--output_dir outputs/demo] [--max_steps 300]
+    python scripts/demo.py [--output_dir outputs/demo] [--max_steps 500]
 
 1. Builds an instruction dataset from real brains shipped inside nilearn (the MNI152 T1, grey-matter and
    white-matter templates), augmented with left/right shifts, intensity changes and noise, written as NIfTI files
@@ -61,12 +61,12 @@ SHIFT_MM = 20.0  # how far a brain is moved left or right, before a random jitte
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--max_steps", type=int, default=300, help="training steps (batches of --batch_size)")
+    parser.add_argument("--max_steps", type=int, default=500, help="training steps (batches of --batch_size)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--train_records", type=int, default=960)
+    parser.add_argument("--train_records", type=int, default=2000)
     parser.add_argument("--eval_records", type=int, default=120)
-    parser.add_argument("--volumes_per_tissue", type=int, default=24, help="augmented training volumes per map")
+    parser.add_argument("--volumes_per_tissue", type=int, default=40, help="augmented training volumes per map")
     parser.add_argument("--volume_size", type=int, default=32, help="edge of the preprocessed cube, in voxels")
     parser.add_argument("--patch_size", type=int, default=16, help="edge of a 3-D patch, in voxels")
     parser.add_argument("--seed", type=int, default=0)
