@@ -1,0 +1,97 @@
+"""Smoke tests of the benchmarks in their quickest mode, so that they do not rot. No timing is asserted: only that
+each benchmark runs and reports the expected fields with finite, positive numbers."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# `benchmarks` is a folder of the repository, not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROW_FIELDS = {"benchmark", "case", "metric", "value", "goal", "met", "ours_ms", "baseline_ms"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_rows(rows: list[dict], benchmark: str, count: int) -> None:
+    assert len(rows) == count
+    for row in rows:
+        assert ROW_FIELDS <= set(row), row
+        assert row["benchmark"] == benchmark
+        assert math.isfinite(row["value"]) and row["value"] > 0, row
+        for key in ("ours_ms", "baseline_ms"):
+            assert row[key] is None or (math.isfinite(row[key]) and row[key] > 0), row
+
+
+def test_handwritten_loop_computes_the_native_loss():
+    from benchmarks.model_paths import check_same_loss
+
+    native, loop = check_same_loss()
+    assert native == pytest.approx(loop, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, count", [("bench_stock_overhead", 1), ("bench_padding", 1), ("bench_handwritten_loop", 3)]
+)
+def test_model_path_benchmarks(name, count):
+    from benchmarks import model_paths
+
+    assert_rows(getattr(model_paths, name)(quick=True), name.removeprefix("bench_"), count)
+
+
+def test_memory_point_reports_a_peak():
+    from benchmarks.memory import measure_point
+
+    point = measure_point(volumes=1, checkpointing=True, quick=True)
+    assert point["peak_mib"] > 0 and point["before_mib"] > 0 and math.isfinite(point["step_peak_mib"])
+
+
+@pytest.mark.slow
+def test_memory_benchmark_in_subprocesses():
+    from benchmarks.memory import bench_memory
+
+    rows = bench_memory(quick=True)
+    assert_rows(rows, "memory", 1)
+    assert all(row["plain_step_peak_mib"] > 0 and row["checkpointed_step_peak_mib"] > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_data_benchmark():
+    pytest.importorskip("monai")
+    pytest.importorskip("nilearn")
+    from benchmarks.data_pipeline import bench_data
+
+    rows = bench_data(quick=True)
+    assert_rows(rows, "data", 5)
+    assert rows[0]["ours_volumes_per_s"] > 0 and rows[0]["monai_volumes_per_s"] > 0
+
+
+def test_runner_prints_a_table(capsys, tmp_path):
+    from benchmarks.run import main
+
+    report = main(["--quick", "--only", "padding", "--json", str(tmp_path / "out.json")])
+    assert (tmp_path / "out.json").exists() and report["machine"]["torch"] == torch.__version__
+    assert "| padding |" in capsys.readouterr().out
+
+
+def test_gpu_script_tiny(tmp_path, capsys):
+    from benchmarks.gpu import main
+
+    report = main(["--tiny", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "gpu.json")])
+    assert (tmp_path / "gpu.json").exists()
+    cases = {row["case"]: row for row in report["results"]}
+    assert set(cases) == {"native", "native_padded", "loop", "native_mixed", "loop_mixed"}
+    for row in cases.values():
+        for key in ("step_ms", "samples_per_s", "text_tokens_per_s", "vision_tokens_per_s", "model_tflops_per_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["case"], key)
+    assert [row["volumes_per_sample"] for row in report["memory"]] == [1, 2, 4, 8, 1, 2, 4, 8]
+    assert "| native |" in capsys.readouterr().out
