@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_without_package
+from conftest import REPO_ROOT, run_without_package, tiny_llava_kwargs
 from safetensors import safe_open
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2Config, SiglipImageProcessor
 
@@ -35,31 +35,7 @@ VOLUME = dict(volume_size=(32, 32, 16), patch_size=8)
 
 
 def stock_llava_config(tokenizer, vision: str = "siglip") -> LlavaConfig:
-    return LlavaConfig(
-        vision_config={
-            "model_type": f"{vision}_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        text_config={
-            "model_type": "qwen2",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 512,
-            "tie_word_embeddings": True,
-        },
-        image_token_id=tokenizer.image_token_id,
-        vision_feature_select_strategy="full" if vision == "siglip" else "default",
-        vision_feature_layer=-1,
-    )
+    return LlavaConfig(**tiny_llava_kwargs(tokenizer, vision))
 
 
 def save_stock_llava(folder: Path, tokenizer, vision: str = "siglip") -> LlavaForConditionalGeneration:
