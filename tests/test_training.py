@@ -144,3 +144,16 @@ def test_no_split_modules_name_only_classes_in_the_model(tiny_model):
 
     for name in tiny_model._no_split_modules:
         assert get_module_class_from_name(tiny_model, name) is not None
+
+
+def test_num_items_in_batch_reaches_the_loss(tmp_path, tiny_model):
+    """The Trainer normalises the loss over gradient-accumulation steps through `num_items_in_batch` in **kwargs."""
+    batch = make_batch(tiny_model.config, [2, 1])
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == tiny_model.config.image_token_id, -100)
+    with torch.no_grad():
+        mean_loss = tiny_model(**batch, labels=labels).loss
+        tokens = int((labels[:, 1:] != -100).sum())
+        summed = tiny_model(**batch, labels=labels, num_items_in_batch=torch.tensor(2 * tokens)).loss
+    torch.testing.assert_close(summed, mean_loss / 2)
+    trainer = Trainer(model=tiny_model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    assert trainer.model_accepts_loss_kwargs
