@@ -16,7 +16,7 @@ single-dot relative imports.
 import torch
 from einops.layers.torch import Rearrange
 from torch import nn
-from transformers import LlavaForConditionalGeneration, LlavaModel
+from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
 
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
@@ -171,9 +171,8 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
     _auto_class = "AutoModel"
 
     def __init__(self, config: UmbrellaLlavaConfig):
+        # LlavaModel.__init__ is skipped on purpose: it would build (and then waste) a 2-D embedding.
         LlavaPreTrainedModel.__init__(self, config)
-        from transformers import AutoModel
-
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.vision_tower.embeddings = UmbrellaVolumeEmbeddings(config)
         # LLaVA reads the encoder's hidden states; the tower's final norm feeds only its (unused) pooled output, and
