@@ -37,6 +37,7 @@ class ModelSize:
     vocab_size: int
     volume_size: int  # voxels per axis of a cubic volume
     volume_patch: int  # voxels per axis of a cubic patch
+    tie_word_embeddings: bool = False
 
     @property
     def tokens_per_volume(self) -> int:
@@ -80,7 +81,7 @@ def text_config(size: ModelSize) -> dict:
         "num_key_value_heads": size.text_kv_heads,
         "vocab_size": size.vocab_size,
         "max_position_embeddings": 8192,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": size.tie_word_embeddings,
     }
 
 
@@ -96,6 +97,7 @@ def build_umbrella(size: ModelSize, attn_implementation: str = "sdpa") -> Umbrel
         volume_size=(size.volume_size,) * 3,
         volume_patch_size=(size.volume_patch,) * 3,
         volume_channels=1,
+        tie_word_embeddings=size.tie_word_embeddings,
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)

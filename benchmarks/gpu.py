@@ -43,9 +43,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from umbrella_llava import UmbrellaLlavaConfig, UmbrellaLlavaForConditionalGeneration
+from umbrella_llava import UmbrellaLlavaForConditionalGeneration
 
-from .common import IMAGE_TOKEN_ID, format_table, make_text, paired_ratio, set_activation_checkpointing, synchronize
+from .common import (
+    ModelSize,
+    build_umbrella,
+    format_table,
+    make_text,
+    paired_ratio,
+    set_activation_checkpointing,
+    synchronize,
+)
 from .common import interleaved_timings as timed
 from .handwritten_loop import handwritten_loss
 
@@ -53,70 +61,51 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 9
 
 
 @dataclass(frozen=True)
-class GpuShapes:
-    """The model and batch shapes of the run."""
+class GpuShapes(ModelSize):
+    """The model and batch shapes of the run: llava-interleave-qwen-0.5b (Qwen2-0.5B with tied embeddings, SigLIP
+    so400m) on 96³ volumes in 16³ patches, and the batch."""
 
+    name: str = "llava-interleave-qwen-0.5b"
+    vision_hidden: int = 1152
+    vision_intermediate: int = 4304
+    vision_layers: int = 26
+    vision_heads: int = 16
     text_hidden: int = 896
+    text_intermediate: int = 4864
     text_layers: int = 24
     text_heads: int = 14
     text_kv_heads: int = 2
-    text_intermediate: int = 4864
     vocab_size: int = 152000
-    vision_hidden: int = 1152
-    vision_layers: int = 26
-    vision_heads: int = 16
-    vision_intermediate: int = 4304
     volume_size: int = 96
     volume_patch: int = 16
+    tie_word_embeddings: bool = True
     volumes_per_sample: int = 4
     batch_size: int = 8
 
-    @property
-    def tokens_per_volume(self) -> int:
-        return (self.volume_size // self.volume_patch) ** 3
 
-
-TINY_SHAPES = GpuShapes(64, 2, 4, 2, 128, 512, 32, 2, 4, 64, 16, 8, 4, 2)
+TINY_SHAPES = GpuShapes(
+    name="tiny",
+    vision_hidden=32,
+    vision_intermediate=64,
+    vision_layers=2,
+    vision_heads=4,
+    text_hidden=64,
+    text_intermediate=128,
+    text_layers=2,
+    text_heads=4,
+    text_kv_heads=2,
+    vocab_size=512,
+    volume_size=16,
+    volume_patch=8,
+    volumes_per_sample=4,
+    batch_size=2,
+)
 
 
 def build_model(shapes: GpuShapes, device: torch.device) -> UmbrellaLlavaForConditionalGeneration:
     """A randomly initialised model of `shapes`, built directly on `device`, in training mode, fp32 weights."""
-    config = UmbrellaLlavaConfig(
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": shapes.vision_hidden,
-            "intermediate_size": shapes.vision_intermediate,
-            "num_hidden_layers": shapes.vision_layers,
-            "num_attention_heads": shapes.vision_heads,
-            "image_size": 384,
-            "patch_size": 14,
-            "vision_use_head": False,
-        },
-        text_config={
-            "model_type": "qwen2",
-            "hidden_size": shapes.text_hidden,
-            "intermediate_size": shapes.text_intermediate,
-            "num_hidden_layers": shapes.text_layers,
-            "num_attention_heads": shapes.text_heads,
-            "num_key_value_heads": shapes.text_kv_heads,
-            "vocab_size": shapes.vocab_size,
-            "max_position_embeddings": 32768,
-            "tie_word_embeddings": True,
-        },
-        image_token_index=IMAGE_TOKEN_ID,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        projector_hidden_act="gelu",
-        volume_size=(shapes.volume_size,) * 3,
-        volume_patch_size=(shapes.volume_patch,) * 3,
-        volume_channels=1,
-        tie_word_embeddings=True,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
     with torch.device(device):
-        model = UmbrellaLlavaForConditionalGeneration(config)
-    return model.train()
+        return build_umbrella(shapes, attn_implementation="sdpa")
 
 
 def make_batch(shapes: GpuShapes, counts: list[int], slots: int, device: torch.device) -> dict[str, torch.Tensor]:
