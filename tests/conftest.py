@@ -14,18 +14,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+def import_blocker(package: str) -> str:
+    """Python source that, run first in a fresh process, makes `package` (and its submodules) unimportable."""
+    return f"""
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == {package!r} or name.startswith({package + "."!r}):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)")
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
 # A subprocess that runs this prelude cannot import umbrella_llava, as on the machine of someone who downloaded a
 # shared checkpoint without installing the package.
-_BLOCK_PACKAGE = """
-import importlib.abc, sys
-class _BlockUmbrella(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "umbrella_llava" or name.startswith("umbrella_llava."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-        return None
-sys.meta_path.insert(0, _BlockUmbrella())
-sys.path = [p for p in sys.path if p not in ("", ".")]
-"""
+_BLOCK_PACKAGE = import_blocker("umbrella_llava") + 'sys.path = [p for p in sys.path if p not in ("", ".")]\n'
 
 
 def run_without_package(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

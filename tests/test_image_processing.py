@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, import_blocker
 
 from umbrella_llava.image_processing_umbrella_llava import (
     UmbrellaVolumeProcessor,
@@ -19,7 +20,6 @@ from umbrella_llava.image_processing_umbrella_llava import (
 nib = pytest.importorskip("nibabel")
 from nibabel.testing import data_path as NIBABEL_DATA  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = (40, 48, 36)  # not a cube, so that a permutation of the axes cannot go unnoticed
 
 
@@ -317,20 +317,9 @@ def test_remote_code_imports_only_allowed_libraries():
     assert set(get_imports(module)) <= {"collections", "math", "os", "typing", "torch", "transformers", "einops"}
 
 
-_BLOCK_NIBABEL = """
-import importlib.abc, sys
-class _BlockNibabel(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "nibabel" or name.startswith("nibabel."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-        return None
-sys.meta_path.insert(0, _BlockNibabel())
-"""
-
-
 @pytest.mark.slow
 def test_without_nibabel_arrays_work_and_a_path_is_a_clear_import_error(mni_t1_path):
-    code = _BLOCK_NIBABEL + textwrap.dedent(
+    code = import_blocker("nibabel") + textwrap.dedent(
         f"""
         import numpy as np, torch
         from umbrella_llava.image_processing_umbrella_llava import UmbrellaVolumeProcessor
