@@ -78,6 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def require_nilearn() -> None:
+    """Stop with the install command if nilearn, where the demo's brains come from, is missing (an optional extra)."""
+    try:
+        import nilearn  # noqa: F401
+    except ImportError:
+        sys.exit(
+            "The demo reads its brains (the MNI152 templates) from nilearn, which is not installed: "
+            "pip install 'umbrella_llava[demo]' (or pip install nilearn)."
+        )
+
+
 def load_templates() -> dict[str, nib.Nifti1Image]:
     """The MNI152 T1, grey- and white-matter templates (2 mm) that ship inside nilearn."""
     from nilearn import datasets
@@ -314,6 +325,7 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    require_nilearn()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_seed(args.seed)
     started = time.time()
