@@ -11,10 +11,18 @@ The path of one volume, one small function per step:
       ─▶ spatial: resize the field of view to `volume_size` (trilinear), or, with `voxel_spacing`, resample to that
          spacing and centre-crop/pad to `volume_size`, so that one voxel is always the same number of millimetres
       ─▶ intensity: clip each channel to its `clip_percentiles`, then min-max to [0, 1] or z-score
+
+Every failure to read a file ends here, named: a missing, unreadable, looping or directory path is an `OSError`
+subclass, and anything wrong with what the file holds is an [`InvalidVolumeError`] (a `ValueError`), raised before
+anything is allocated where the header alone shows it (a zero-length axis, more than `MAX_VOXELS` voxels decoded or
+resampled, RGB or complex voxels, a non-finite affine).
 """
 
+import errno
 import math
 import os
+import stat
+import warnings
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -42,12 +50,30 @@ NORMALIZATIONS = ("minmax", "zscore", "none")
 # torch.quantile refuses more elements than this; percentiles of a larger volume are taken on an even subsample.
 _MAX_QUANTILE_ELEMENTS = 2**24
 
+# The most voxels one volume may hold, as decoded or as resampled to `voxel_spacing` (1 GiB as float32). A whole
+# head at 0.5 mm is 2**27 voxels; a header asking for more is far more often damaged (a corrupt dim field, a pixdim
+# in micrometres) than real, and decoding it would exhaust memory. Raise it here for larger real volumes.
+MAX_VOXELS = 2**28
+
 VolumeInput = Union[str, os.PathLike, torch.Tensor, "np.ndarray", "nib.spatialimages.SpatialImage"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading one volume
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+class InvalidVolumeError(ValueError):
+    """A volume that cannot be preprocessed as it is; the message names it and says what to do. `kind` is a short
+    reason, used to count skipped records."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _size_in_words(voxels: int) -> str:
+    return f"{voxels:,} voxels, {voxels * 4 / 2**30:,.1f} GiB as float32"
 
 
 def describe_source(source: Any) -> str:
@@ -69,13 +95,15 @@ def load_nifti(path: str | os.PathLike) -> "nib.spatialimages.SpatialImage":
     """Open a `.nii` / `.nii.gz` file (header only; the voxels are decoded later, once).
 
     Raises:
-        FileNotFoundError: if `path` does not exist.
+        FileNotFoundError: if `path` does not exist, or is a symbolic link to nothing.
+        IsADirectoryError: if `path` is a folder (e.g. one named `scan.nii.gz`).
+        PermissionError: if this user may not read the file.
+        OSError: if `path` is a symbolic link loop, or cannot be examined.
         ImportError: if nibabel is not installed.
-        ValueError: if the file is not a readable NIfTI (or other nibabel) image; the message names the file.
+        InvalidVolumeError: if the file is not a readable NIfTI (or other nibabel) image; the message names the file.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Volume file not found: {path}")
+    _check_readable_file(path)
     if nib is None:
         raise ImportError(
             f"Reading the NIfTI file {path} needs nibabel, which is not installed: `pip install nibabel`. "
@@ -84,7 +112,86 @@ def load_nifti(path: str | os.PathLike) -> "nib.spatialimages.SpatialImage":
     try:
         return nib.load(path)
     except _decode_errors() as err:
-        raise ValueError(f"{path} is not a readable NIfTI file: {err}") from err
+        raise InvalidVolumeError(f"{path} is not a readable NIfTI file: {err}", "unreadable file") from err
+
+
+def _check_readable_file(path: str) -> None:
+    """Raise an `OSError` that says what the path is, when it is not a regular file this process can read."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise FileNotFoundError(
+                f"Volume file {path} is a symbolic link to {os.readlink(path)}, which does not exist."
+            ) from None
+        raise FileNotFoundError(f"Volume file not found: {path}") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(
+                errno.ELOOP, f"Volume file {path} is a symbolic link loop (it never reaches a file); fix the link"
+            ) from None
+        raise OSError(err.errno, f"Cannot examine the volume file {path}: {err.strerror}") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise IsADirectoryError(
+            f"Volume path {path} is a directory, not a NIfTI file; name the .nii / .nii.gz file itself."
+        )
+    if not stat.S_ISREG(status.st_mode):
+        raise OSError(f"Volume path {path} is not a regular file (a device, socket or pipe); name a NIfTI file.")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise PermissionError(
+            f"Volume file {path} exists but this user (uid {os.getuid()}) may not read it; make it readable "
+            "(chmod a+r) or run as a user who can."
+        ) from None
+
+
+def _check_image(image: "nib.spatialimages.SpatialImage", name: str) -> None:
+    """Refuse, from the header alone and before any voxel is decoded, an image that cannot become a volume."""
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) == 4 and shape[3] > 1:
+        raise InvalidVolumeError(
+            f"{name} is a 4-D volume with {shape[3]} frames (shape {shape}); only 3-D volumes and single-frame 4-D "
+            "files are supported. Split the frames into separate 3-D files.",
+            "multi-frame",
+        )
+    if len(shape) not in (3, 4):
+        raise InvalidVolumeError(f"{name} has shape {shape}; expected a 3-D volume (H, W, D).", "wrong shape")
+    if min(shape) < 1:
+        raise InvalidVolumeError(
+            f"{name}: its header gives shape {shape}, with a zero-length axis, so it holds no voxels; the dim field "
+            "is damaged or the file was written empty. Re-export the scan.",
+            "empty",
+        )
+    voxels = math.prod(shape)
+    if voxels > MAX_VOXELS:
+        raise InvalidVolumeError(
+            f"{name}: its header gives shape {shape}, {_size_in_words(voxels)}, more than MAX_VOXELS = "
+            f"{MAX_VOXELS:,}; the dim field is probably damaged. Re-export the scan, or raise "
+            "image_processing_umbrella_llava.MAX_VOXELS if it is truly that large.",
+            "too large",
+        )
+    dtype = image.get_data_dtype()
+    if dtype.fields is not None:
+        raise InvalidVolumeError(
+            f"{name} holds RGB (or other multi-field) voxels of dtype {dtype}, not intensities; convert it to one "
+            "grey-scale channel (e.g. the luminance) and save it again.",
+            "rgb voxels",
+        )
+    if dtype.kind == "c":
+        raise InvalidVolumeError(
+            f"{name} holds complex voxels ({dtype}); taking the real part would drop the imaginary part silently. "
+            "Save the magnitude (numpy.abs) or the phase as a real-valued file.",
+            "complex voxels",
+        )
+    affine = image.affine
+    if affine is None or not np.isfinite(affine).all():
+        raise InvalidVolumeError(
+            f"{name} has a non-finite affine (NaN or Inf in its qform/sform), so its orientation and voxel spacing "
+            f"are unknown:\n{affine}\nFix the header's sform/qform.",
+            "bad affine",
+        )
 
 
 def _ras_voxels(image: "nib.spatialimages.SpatialImage", name: str) -> tuple[torch.Tensor, tuple[float, ...]]:
@@ -94,21 +201,20 @@ def _ras_voxels(image: "nib.spatialimages.SpatialImage", name: str) -> tuple[tor
         The voxels `(H, W, D)` with H running Left→Right, W Posterior→Anterior, D Inferior→Superior, and the voxel
         spacing along (H, W, D) in mm, from the affine's column norms.
     """
+    _check_image(image, name)
     shape = tuple(image.shape)
-    if len(shape) == 4 and shape[3] > 1:
-        raise ValueError(
-            f"{name} is a 4-D volume with {shape[3]} frames (shape {shape}); only 3-D volumes and single-frame 4-D "
-            "files are supported. Split the frames into separate 3-D files."
-        )
-    if len(shape) not in (3, 4):
-        raise ValueError(f"{name} has shape {shape}; expected a 3-D volume (H, W, D).")
     orientation = nib.orientations.io_orientation(image.affine)
     if np.isnan(orientation).any():
-        raise ValueError(f"{name} has a degenerate affine, so its orientation is unknown:\n{image.affine}")
+        raise InvalidVolumeError(
+            f"{name} has a degenerate affine, so its orientation is unknown:\n{image.affine}", "bad affine"
+        )
     try:
         data = image.get_fdata(dtype=np.float32, caching="unchanged")
-    except _decode_errors() as err:
-        raise ValueError(f"Could not decode the voxels of {name} (truncated or damaged file?): {err}") from err
+    except (*_decode_errors(), MemoryError) as err:
+        raise InvalidVolumeError(
+            f"Could not decode the voxels of {name} (truncated or damaged file?): {type(err).__name__}: {err}",
+            "undecodable voxels",
+        ) from err
     voxels = torch.from_numpy(data.reshape(shape[:3]))
 
     # Input axis i becomes RAS axis orientation[i, 0], reversed where orientation[i, 1] is -1.
@@ -135,19 +241,42 @@ def load_volume(source: VolumeInput) -> tuple[torch.Tensor, tuple[float, float, 
         change it in place) and may be strided rather than contiguous.
 
     Raises:
-        FileNotFoundError, ImportError, ValueError: see `load_nifti`; also a ValueError naming the source for a
-            multi-frame 4-D file or a shape that is neither 3-D nor 4-D.
+        FileNotFoundError, IsADirectoryError, PermissionError, OSError, ImportError: see `load_nifti`.
+        InvalidVolumeError: naming the source, for anything wrong with what it holds (see `_check_image`: a
+            multi-frame 4-D file, a shape that is neither 3-D nor 4-D, a zero-length axis, more than `MAX_VOXELS`,
+            RGB or complex voxels, a non-finite affine), and for any other failure of the decoder.
         TypeError: for any other kind of source.
     """
     name = describe_source(source)
-    if isinstance(source, (str, os.PathLike)):
-        source = load_nifti(source)
-    if nib is not None and isinstance(source, nib.spatialimages.SpatialImage):
-        voxels, spacing = _ras_voxels(source, name)
-        return voxels.unsqueeze(0), spacing
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            source = load_nifti(source)
+        if nib is not None and isinstance(source, nib.spatialimages.SpatialImage):
+            voxels, spacing = _ras_voxels(source, name)
+            return voxels.unsqueeze(0), spacing
+    except (InvalidVolumeError, OSError, ImportError):
+        raise
+    except Exception as err:  # whatever else a decoder raises, so that the file is always named
+        raise InvalidVolumeError(
+            f"Could not read the volume {name}: {type(err).__name__}: {err}", "unreadable file"
+        ) from err
+    if getattr(source, "dtype", None) is not None and (
+        source.is_complex() if isinstance(source, torch.Tensor) else source.dtype.kind == "c"
+    ):
+        raise InvalidVolumeError(
+            f"{name} holds complex values; taking the real part would drop the imaginary part silently. Pass the "
+            "magnitude (abs) or the phase.",
+            "complex voxels",
+        )
     if isinstance(source, torch.Tensor):
         volume = source.detach().to(device="cpu", dtype=torch.float32, copy=True)
     elif np is not None and isinstance(source, np.ndarray):
+        if source.dtype.fields is not None:
+            raise InvalidVolumeError(
+                f"{name} holds RGB (or other multi-field) values of dtype {source.dtype}; pass one grey-scale "
+                "channel, or the fields as channels (C, H, W, D).",
+                "rgb voxels",
+            )
         volume = torch.tensor(source, dtype=torch.float32)
     else:
         raise TypeError(
@@ -157,7 +286,9 @@ def load_volume(source: VolumeInput) -> tuple[torch.Tensor, tuple[float, float, 
     if volume.ndim == 3:
         volume = volume.unsqueeze(0)
     if volume.ndim != 4:
-        raise ValueError(f"{name}: expected a volume (H, W, D) or (C, H, W, D), got {volume.ndim} dimensions.")
+        raise InvalidVolumeError(
+            f"{name}: expected a volume (H, W, D) or (C, H, W, D), got {volume.ndim} dimensions.", "wrong shape"
+        )
     return volume, None
 
 
@@ -186,9 +317,30 @@ def resample_to_spacing(
     volume: torch.Tensor, spacing: Sequence[float], target_spacing: Sequence[float]
 ) -> torch.Tensor:
     """Trilinear resampling of `(C, H, W, D)` from voxel `spacing` to `target_spacing` (mm); the field of view in mm
-    is kept, so the shape becomes round(H * spacing_H / target_H), ... (at least one voxel per axis)."""
-    size = [max(1, round(n * old / new)) for n, old, new in zip(volume.shape[1:], spacing, target_spacing)]
-    return resize_volume(volume, size)
+    is kept, so the shape becomes `resampled_shape(...)`."""
+    return resize_volume(volume, resampled_shape(volume.shape[1:], spacing, target_spacing))
+
+
+def resampled_shape(
+    shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]
+) -> tuple[int, int, int]:
+    """The spatial shape `(H, W, D)` a volume of `shape` voxels of `spacing` mm takes at `target_spacing` mm:
+    round(H * spacing_H / target_H), ..., at least one voxel per axis."""
+    return tuple(max(1, round(n * old / new)) for n, old, new in zip(shape, spacing, target_spacing))
+
+
+def blank_reason(volume: torch.Tensor) -> str | None:
+    """Why a raw `(C, H, W, D)` volume holds no image (every voxel of a channel NaN/±Inf, or all one value), or
+    `None` when each channel has at least two distinct finite values."""
+    for channel, voxels in enumerate(volume):
+        which = f"channel {channel} of it" if len(volume) > 1 else "it"
+        finite = voxels[torch.isfinite(voxels)]
+        if finite.numel() == 0:
+            return f"every voxel of {which} is NaN or ±Inf"
+        low, high = finite.aminmax()
+        if low == high:
+            return f"every finite voxel of {which} is {float(low):g} (a constant image)"
+    return None
 
 
 def crop_or_pad(volume: torch.Tensor, size: Sequence[int], fill: torch.Tensor) -> torch.Tensor:
@@ -326,6 +478,11 @@ class UmbrellaVolumeKwargs(ImagesKwargs, total=False):
     voxel_spacing: float | list[float] | tuple[float, ...] | None
     normalization: str
     clip_percentiles: list[float] | tuple[float, ...] | None
+    allow_blank_volumes: bool
+
+
+def _mm(values: Sequence[float]) -> str:
+    return " × ".join(f"{v:g}" for v in values)
 
 
 def _as_spacing(value: float | Sequence[float] | None) -> list[float] | None:
@@ -370,14 +527,19 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
         clip_percentiles (`tuple[float, float]`, *optional*, defaults to `(0.5, 99.5)`):
             Per-channel percentiles to clip to before normalising; `None` clips nothing (min-max then uses the
             extremes).
+        allow_blank_volumes (`bool`, defaults to `False`):
+            A blank volume (a channel all NaN/±Inf or all one value, or a file whose field of view resampling to
+            `voxel_spacing` collapses to one voxel along an axis) holds no image, so by default it is an
+            [`InvalidVolumeError`] naming it. With `True` it is preprocessed as zeros, with a warning naming it.
 
-    NaN and ±Inf voxels are set to 0 before anything else, and a constant volume becomes zeros: the output is always
-    finite.
+    NaN and ±Inf voxels are set to 0 before anything else: the output is always finite.
 
     Raises:
-        ValueError: at construction, for a bad option; at call time, naming the volume, for a volume with another
-            channel count than `volume_channels`, a multi-frame 4-D file, or an unreadable file.
-        FileNotFoundError: naming the path of a missing file.
+        ValueError: at construction, for a bad option.
+        InvalidVolumeError: at call time, naming the volume, for a volume with another channel count than
+            `volume_channels`, a blank volume (unless allowed), a resampled size over `MAX_VOXELS`, or anything
+            `load_volume` refuses.
+        OSError (FileNotFoundError, IsADirectoryError, PermissionError): naming the path it cannot read.
     """
 
     model_input_names = ["pixel_values", "image_mask", "num_images_per_sample"]
@@ -392,6 +554,7 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
         voxel_spacing: float | Sequence[float] | None = None,
         normalization: str = "minmax",
         clip_percentiles: Sequence[float] | None = (0.5, 99.5),
+        allow_blank_volumes: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -404,6 +567,7 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
             raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}, got {normalization!r}.")
         self.normalization = normalization
         self.clip_percentiles = _as_percentiles(clip_percentiles)
+        self.allow_blank_volumes = bool(allow_blank_volumes)
 
     def preprocessing_options(self) -> dict[str, Any]:
         """The options that decide the output of `preprocess_volume`, JSON-serialisable."""
@@ -413,6 +577,7 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
             "voxel_spacing": self.voxel_spacing,
             "normalization": self.normalization,
             "clip_percentiles": self.clip_percentiles,
+            "allow_blank_volumes": self.allow_blank_volumes,
         }
 
     def preprocess_volume(self, source: VolumeInput) -> torch.Tensor:
@@ -425,21 +590,55 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
         Returns:
             float32 tensor `(C, H, W, D)` = `(volume_channels, *volume_size)`, finite, normalised.
         """
+        name = describe_source(source)
         volume, spacing = load_volume(source)
         if volume.shape[0] != self.volume_channels:
-            raise ValueError(
-                f"{describe_source(source)} has {volume.shape[0]} channel(s) but this processor expects "
-                f"volume_channels={self.volume_channels}; arrays and tensors are read channel-first (C, H, W, D)."
+            raise InvalidVolumeError(
+                f"{name} has {volume.shape[0]} channel(s) but this processor expects "
+                f"volume_channels={self.volume_channels}; arrays and tensors are read channel-first (C, H, W, D).",
+                "wrong channels",
             )
+        blank = blank_reason(volume)
         volume = torch.nan_to_num_(volume, nan=0.0, posinf=0.0, neginf=0.0)
         if self.voxel_spacing is None:
+            self._check_blank(name, blank)
             volume = resize_volume(volume, self.volume_size)
             return normalize_intensity(volume, self.normalization, self.clip_percentiles).contiguous()
         if spacing is not None:
-            volume = resample_to_spacing(volume, spacing, self.voxel_spacing)
+            size = resampled_shape(volume.shape[1:], spacing, self.voxel_spacing)
+            field_of_view = " × ".join(f"{n * mm:.3g}" for n, mm in zip(volume.shape[1:], spacing))
+            if math.prod(size) > MAX_VOXELS:  # bounded before interpolate allocates it
+                raise InvalidVolumeError(
+                    f"{name}: resampling its {tuple(volume.shape[1:])} voxels of {_mm(spacing)} mm to voxel_spacing "
+                    f"{_mm(self.voxel_spacing)} mm gives {size}, {_size_in_words(math.prod(size))}, more than "
+                    f"MAX_VOXELS = {MAX_VOXELS:,}. A field of view of {field_of_view} mm is not a head: the header's "
+                    "pixdim/affine is probably in micrometres or otherwise wrong; fix it.",
+                    "too large",
+                )
+            if blank is None and min(size) < 2:
+                blank = (
+                    f"its field of view ({field_of_view} mm) is less than two voxels of voxel_spacing "
+                    f"{_mm(self.voxel_spacing)} mm along an axis, so resampling collapses it to {size} (is the "
+                    "header's pixdim in metres or otherwise wrong?)"
+                )
+            self._check_blank(name, blank)
+            volume = resize_volume(volume, size)
+        else:
+            self._check_blank(name, blank)
         volume = normalize_intensity(volume, self.normalization, self.clip_percentiles)
         background = volume.amin(dim=(1, 2, 3), keepdim=True)
         return crop_or_pad(volume, self.volume_size, fill=background).contiguous()
+
+    def _check_blank(self, name: str, reason: str | None) -> None:
+        if reason is None:
+            return
+        if not self.allow_blank_volumes:
+            raise InvalidVolumeError(
+                f"{name} is blank: {reason}. It would train as an all-zero tensor. Fix or drop the file, or pass "
+                "allow_blank_volumes=True to the volume processor to train on it as zeros.",
+                "blank volume",
+            )
+        warnings.warn(f"{name} is blank: {reason}; it becomes zeros (allow_blank_volumes=True).", stacklevel=3)
 
     def preprocess(self, images: Any, return_tensors: str | None = None, **kwargs) -> BatchFeature:
         """Preprocess the volumes of a batch of samples.
@@ -473,4 +672,4 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
         return type(self)(**{**self.preprocessing_options(), **overrides}) if overrides else self
 
 
-__all__ = ["UmbrellaVolumeProcessor", "stack_volumes", "load_volume", "load_nifti"]
+__all__ = ["InvalidVolumeError", "UmbrellaVolumeProcessor", "stack_volumes", "load_volume", "load_nifti"]
