@@ -11,21 +11,33 @@ record's `images` (UMBRELLA) or `image` (LLaVA). A placeholder is an image conte
 written in text. An image item's `image_path`, when given, must name the same file as the volume it stands for; a
 UMBRELLA record without `images` takes its volumes from its image items' `image_path`s. Relative paths are resolved
 against `image_root`, or else the folder of the file the record came from.
+
+What is refused (an `InvalidRecordError` naming the file and the line or entry, or a counted skip with
+`on_invalid="skip"`): bytes that are not UTF-8 and text that is not JSON (also JSON nested too deeply to parse), a
+wrapper object around the list of records, `conversations` that is not a list of turns, both `images` and `image`,
+a turn whose `role` and `from` (or `content` and `value`) disagree, a tokenizer's special token (`<|im_end|>`,
+`<|im_start|>`, ...) typed into message text, where it would forge turn markers, and, when `image_root` is given, a
+volume path outside it unless `allow_outside_image_root`. Records identical to an earlier one are kept with one
+warning that counts them.
 """
 
 import json
+import operator
+import os
+import sys
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .image_processing_umbrella_llava import stack_volumes
+from .image_processing_umbrella_llava import InvalidVolumeError, stack_volumes
 from .processing_umbrella_llava import UmbrellaLlavaProcessor, drop_volume_inputs_without_volumes
 from .volume_cache import VolumeCache
 
@@ -36,9 +48,10 @@ ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant"
 class InvalidRecordError(ValueError):
     """A conversation record that cannot be trained on; `kind` is a short reason, used to count skipped records."""
 
-    def __init__(self, message: str, kind: str):
+    def __init__(self, message: str, kind: str, where: str | None = None):
         super().__init__(message)
         self.kind = kind
+        self.where = where
 
 
 @dataclass
@@ -64,12 +77,20 @@ def _describe(record_id: str, source: Path, index: int) -> str:
     return f"record '{record_id}' ({position} of {source})"
 
 
-def read_raw_records(path: str | Path) -> Iterator[tuple[Path, int, Any]]:
+def read_raw_records(
+    path: str | Path, errors: list[InvalidRecordError] | None = None
+) -> Iterator[tuple[Path, int, Any]]:
     """Yield `(file, index in file (0-based; JSONL: line - 1), raw record)` from a `.json` (a record or a list), a `.jsonl`, or a folder.
+
+    Args:
+        errors: if given, a file (or JSONL line) that cannot be decoded is appended to it and reading goes on with the
+            next; if `None`, it is raised.
 
     Raises:
         FileNotFoundError: if `path` does not exist.
-        ValueError: for another suffix, or a file that is not valid JSON (naming the file and, for JSONL, the line).
+        ValueError: for another suffix.
+        InvalidRecordError: (a ValueError) naming the file and line, for bytes that are not UTF-8, text that is not
+            JSON, or JSON nested too deeply to parse.
     """
     path = Path(path)
     if not path.exists():
@@ -84,35 +105,85 @@ def read_raw_records(path: str | Path) -> Iterator[tuple[Path, int, Any]]:
         raise ValueError(f"Conversation data must be a .json or .jsonl file or a folder of them, got {path}.")
 
     for file in files:
-        text = file.read_text(encoding="utf-8")
+        content = file.read_bytes()
         if file.suffix == ".jsonl":
-            for line_number, line in enumerate(text.splitlines(), start=1):
+            for line_number, line in enumerate(content.split(b"\n"), start=1):
                 if not line.strip():
                     continue
                 try:
-                    yield file, line_number - 1, json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{file}, line {line_number}: not valid JSON ({error}).") from error
+                    raw = decode_json(line, f"{file}, line {line_number}")
+                except InvalidRecordError as error:
+                    if errors is None:
+                        raise
+                    errors.append(error)
+                    continue
+                yield file, line_number - 1, raw
         else:
             try:
-                data = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{file}: not valid JSON ({error}).") from error
+                data = decode_json(content, str(file))
+            except InvalidRecordError as error:
+                if errors is None:
+                    raise
+                errors.append(error)
+                continue
             for index, raw in enumerate(data if isinstance(data, list) else [data]):
                 yield file, index, raw
 
 
+def decode_json(content: bytes, where: str) -> Any:
+    """Parse UTF-8 JSON `content`; every failure is an `InvalidRecordError` that starts with `where` and gives the
+    line within `content`."""
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = content.count(b"\n", 0, error.start) + 1
+        raise InvalidRecordError(
+            f"{where}: byte {content[error.start]:#04x} (line {line} of it, byte {error.start}) is not UTF-8 "
+            f"({error.reason}); re-save the file as UTF-8.",
+            "not UTF-8",
+            where,
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidRecordError(
+            f"{where}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno} of it).",
+            "not JSON",
+            where,
+        ) from None
+    except RecursionError:
+        raise InvalidRecordError(
+            f"{where}: JSON nested deeper than Python's parser can read (about {sys.getrecursionlimit()} levels of "
+            "[ or {); no conversation record is that deep, so the file is damaged or not conversation data.",
+            "not JSON",
+            where,
+        ) from None
+
+
 def parse_record(
-    raw: Any, source: Path, index: int, image_token: str = "<image>", image_root: str | Path | None = None
+    raw: Any,
+    source: Path,
+    index: int,
+    image_token: str = "<image>",
+    image_root: str | Path | None = None,
+    special_tokens: Collection[str] = (),
+    allow_outside_image_root: bool = False,
 ) -> ConversationRecord:
     """Validate one raw UMBRELLA or LLaVA record and turn it into a [`ConversationRecord`].
 
     The checks are cheap (no volume is decoded): structure, roles, an assistant turn, placeholders against volumes,
     and that every volume file exists.
 
+    Args:
+        special_tokens: texts that may not appear in a message (the tokenizer's special tokens but the image token):
+            typed into a user's text, `<|im_end|>` and `<|im_start|>` would become real turn markers.
+        allow_outside_image_root: accept volume paths that lead out of `image_root` (`../`, or absolute elsewhere).
+            Only checked when `image_root` is given.
+
     Raises:
         InvalidRecordError: naming the record and file, for a malformed record, an unknown role, an empty
-            conversation, no assistant turn, or placeholders that disagree with the volumes.
+            conversation, no assistant turn, placeholders that disagree with the volumes, contradictory keys, a
+            special token in message text, or a path outside `image_root`.
         FileNotFoundError: naming the record, file and path, for a volume that does not exist.
     """
     if not isinstance(raw, dict):
@@ -124,9 +195,27 @@ def parse_record(
     root = Path(image_root) if image_root is not None else source.parent
 
     turns = raw.get("conversations")
-    if not isinstance(turns, list) or not turns:
+    if "conversations" not in raw:
+        wrapped = [key for key, value in raw.items() if isinstance(value, list) and value and _all_records(value)]
+        if wrapped:
+            raise InvalidRecordError(
+                f"{where} is an object holding a list of records under {wrapped[0]!r}, not a record; write the list "
+                "itself at the top level of the file (or one record per line of a .jsonl).",
+                "wrapped records",
+            )
+    if isinstance(turns, str):
+        raise InvalidRecordError(
+            f"{where} has `conversations` as a string, not a list of turns (was it JSON-encoded twice?); write it "
+            "as a JSON list of turn objects.",
+            "malformed",
+        )
+    if turns is not None and not isinstance(turns, list):
+        raise InvalidRecordError(
+            f"{where} has `conversations` of type {type(turns).__name__}; it must be a list of turns.", "malformed"
+        )
+    if not turns:
         raise InvalidRecordError(f"{where} has no conversation turns.", "empty conversation")
-    messages = [_parse_turn(turn, turn_index, where) for turn_index, turn in enumerate(turns)]
+    messages = [_parse_turn(turn, turn_index, where, special_tokens) for turn_index, turn in enumerate(turns)]
     if not any(message["role"] == "assistant" for message in messages):
         raise InvalidRecordError(
             f"{where} has no assistant turn: there is nothing to learn, and an all -100 label row gives a NaN loss.",
@@ -146,6 +235,16 @@ def parse_record(
                 "placeholder mismatch",
             )
     volume_paths = [_resolve(entry["path"], root) for entry in volume_entries]
+    if image_root is not None and not allow_outside_image_root:
+        inside = os.path.normpath(os.path.abspath(root))
+        for volume_path in volume_paths:
+            resolved = os.path.normpath(os.path.abspath(volume_path))
+            if os.path.commonpath([inside, resolved]) != inside:
+                raise InvalidRecordError(
+                    f"{where} names volume {volume_path}, which is outside image_root {root}; move it under the "
+                    "root, or allow it with allow_outside_image_root=True (train.py: --allow_outside_image_root).",
+                    "outside image_root",
+                )
     if len(placeholders) != len(volume_paths):
         raise InvalidRecordError(
             f"{where} has {len(placeholders)} image placeholders in its conversation but {len(volume_paths)} volumes; "
@@ -175,9 +274,26 @@ def parse_record(
     )
 
 
-def _parse_turn(turn: Any, turn_index: int, where: str) -> dict[str, Any]:
+def _same_role(first: Any, second: Any) -> bool:
+    if isinstance(first, str) and isinstance(second, str):
+        return ROLE_ALIASES.get(first, first) == ROLE_ALIASES.get(second, second)
+    return first == second
+
+
+def _all_records(values: list) -> bool:
+    return all(isinstance(value, dict) and "conversations" in value for value in values)
+
+
+def _parse_turn(turn: Any, turn_index: int, where: str, special_tokens: Collection[str] = ()) -> dict[str, Any]:
     if not isinstance(turn, dict):
         raise InvalidRecordError(f"{where}: turn {turn_index} is not an object.", "malformed")
+    for key, alias, same in (("role", "from", _same_role), ("content", "value", operator.eq)):
+        if key in turn and alias in turn and not same(turn[key], turn[alias]):
+            raise InvalidRecordError(
+                f"{where}: turn {turn_index} has {key}={turn[key]!r} but {alias}={turn[alias]!r}; one of them would "
+                "be ignored. Keep one of the two keys.",
+                "contradiction",
+            )
     role = turn.get("role", turn.get("from"))
     if role not in ROLE_ALIASES:
         raise InvalidRecordError(
@@ -198,11 +314,24 @@ def _parse_turn(turn: Any, turn_index: int, where: str) -> dict[str, Any]:
                 )
     elif not isinstance(content, str):
         raise InvalidRecordError(f"{where}: turn {turn_index} has no text (`content` or `value`).", "malformed")
+    texts = [content] if isinstance(content, str) else [item["text"] for item in content if item["type"] == "text"]
+    for token in special_tokens:
+        if any(token in text for text in texts):
+            raise InvalidRecordError(
+                f"{where}: turn {turn_index} has the special token {token!r} in its text. The chat template would "
+                "turn it into a real control token, so the text could forge turns; remove it from the data.",
+                "special token in text",
+            )
     return {"role": ROLE_ALIASES[role], "content": content}
 
 
 def _volume_entries(raw: dict, where: str) -> list[dict[str, Any]] | None:
     """The record's volumes as `{"path", ...}` dicts, or `None` when the record lists none."""
+    if "images" in raw and "image" in raw:
+        raise InvalidRecordError(
+            f"{where} has both `images` (UMBRELLA) and `image` (LLaVA); one of them would be ignored. Keep one.",
+            "contradiction",
+        )
     entries = raw["images"] if "images" in raw else raw.get("image")
     if entries is None:
         return None
@@ -284,21 +413,156 @@ def tokenize_conversation(
     return input_ids, labels
 
 
+def encode_record(
+    processor: UmbrellaLlavaProcessor, record: ConversationRecord, max_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize `record` and truncate it to `max_length`: `input_ids (L,)` and `labels (L,)`.
+
+    Raises:
+        InvalidRecordError: if truncation would cut or drop an image-token block, or leave no labeled token.
+    """
+    input_ids, labels = tokenize_conversation(processor, record.messages)
+    if max_length is not None and len(input_ids) > max_length:
+        if (input_ids[max_length:] == processor.image_token_id).any():
+            raise InvalidRecordError(
+                f"{record.where} is {len(input_ids)} tokens long; truncating it to max_length={max_length} would cut "
+                "an image-token block. Raise max_length or shorten the conversation.",
+                "truncation through an image block",
+            )
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if (labels == IGNORE_INDEX).all():
+        raise InvalidRecordError(
+            f"{record.where} keeps no assistant token within max_length={max_length}; an all -100 label row gives a "
+            "NaN loss.",
+            "no assistant token after truncation",
+        )
+    return input_ids, labels
+
+
+def text_special_tokens(processor: UmbrellaLlavaProcessor) -> list[str]:
+    """The tokenizer's special tokens that may not be typed into message text: all but the image placeholder."""
+    tokenizer = processor.tokenizer
+    special = {*tokenizer.all_special_tokens}
+    special |= {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    return sorted(special - {processor.image_token})
+
+
+@dataclass
+class RecordScan:
+    """What reading a data set found: the valid records and their token lengths, the invalid records, lines and
+    files as `(where, error)` in reading order, and the records identical to an earlier one as `(where, earlier)`."""
+
+    records: list[ConversationRecord]
+    lengths: list[int]
+    problems: list[tuple[str, Exception]]
+    duplicates: list[tuple[str, str]]
+    num_read: int
+
+    def describe_problems(self, path: str | Path, limit: int = 50) -> str:
+        """One message listing the problems (the first `limit`), one line each."""
+        listed = "".join(f"\n  - {error}" for _, error in self.problems[:limit])
+        more = f"\n  ... and {len(self.problems) - limit} more" if len(self.problems) > limit else ""
+        return f"{len(self.problems)} invalid records in {path}:{listed}{more}"
+
+
+def problem_kind(error: Exception) -> str:
+    """The short reason a problem of a `RecordScan` is counted under."""
+    return getattr(error, "kind", None) or ("missing volume" if isinstance(error, FileNotFoundError) else "invalid")
+
+
+def scan_records(
+    path: str | Path,
+    processor: UmbrellaLlavaProcessor,
+    image_root: str | Path | None = None,
+    max_length: int | None = None,
+    allow_outside_image_root: bool = False,
+    stop_at_first: bool = False,
+    load_volume: Callable[[Path], torch.Tensor] | None = None,
+) -> RecordScan:
+    """Read, validate and tokenize every record of `path` (see [`parse_record`], [`encode_record`]).
+
+    Args:
+        stop_at_first: raise the first problem instead of collecting them all.
+        load_volume: if given, every distinct volume of the valid records is decoded once with it (with a progress
+            bar), and the records with a volume that fails become problems.
+
+    Raises:
+        FileNotFoundError / ValueError: for a missing path or a wrong suffix; with `stop_at_first`, the first
+            `InvalidRecordError` or missing volume.
+    """
+    special_tokens = text_special_tokens(processor)
+    undecodable: list[InvalidRecordError] = []
+    scan = RecordScan(records=[], lengths=[], problems=[], duplicates=[], num_read=0)
+    first_seen: dict[str, str] = {}
+    for source, index, raw in read_raw_records(path, errors=None if stop_at_first else undecodable):
+        scan.num_read += 1
+        where = _describe(_record_id(raw, index), source, index)
+        try:
+            record = parse_record(
+                raw, source, index, processor.image_token, image_root, special_tokens, allow_outside_image_root
+            )
+            input_ids, _ = encode_record(processor, record, max_length)
+        except (InvalidRecordError, FileNotFoundError) as error:
+            if stop_at_first:
+                raise
+            scan.problems.append((where, error))
+            continue
+        scan.records.append(record)
+        scan.lengths.append(len(input_ids))
+        key = json.dumps(raw, sort_keys=True)
+        if key in first_seen:
+            scan.duplicates.append((where, first_seen[key]))
+        else:
+            first_seen[key] = where
+    scan.num_read += len(undecodable)
+    scan.problems[:0] = [(error.where, error) for error in undecodable]
+    if load_volume is not None:
+        _check_volumes(scan, load_volume, Path(path).name)
+    return scan
+
+
+def _check_volumes(scan: RecordScan, load_volume: Callable[[Path], torch.Tensor], name: str) -> None:
+    """Decode every distinct volume of `scan.records` once; move the records with a bad volume to the problems."""
+    paths = sorted({path for record in scan.records for path in record.volume_paths})
+    failures: dict[Path, Exception] = {}
+    for path in tqdm(paths, desc=f"Checking the volumes of {name}", unit="volume"):
+        try:
+            load_volume(path)
+        except (InvalidVolumeError, OSError) as error:
+            failures[path] = error
+    kept = [(record, length) for record, length in zip(scan.records, scan.lengths)]
+    scan.records, scan.lengths = [], []
+    for record, length in kept:
+        bad = [path for path in record.volume_paths if path in failures]
+        if bad:
+            scan.problems.append((record.where, _volume_error(record, failures[bad[0]])))
+        else:
+            scan.records.append(record)
+            scan.lengths.append(length)
+
+
 class ConversationDataset(Dataset):
     r"""
     Conversation records (UMBRELLA or LLaVA) as model inputs with turn-masked labels.
 
     Every record is validated and tokenized at construction, so bad records surface before training; volumes are
-    decoded lazily in `__getitem__` (through a [`VolumeCache`] when `cache_dir` is given).
+    decoded lazily in `__getitem__` (through a [`VolumeCache`] when `cache_dir` is given), unless `check_volumes`
+    decodes each of them once up front. A volume that fails in `__getitem__` is an `InvalidRecordError` naming the
+    record, its file and the volume.
 
     Args:
         path: a `.json` file (one record or a list), a `.jsonl` file, or a folder of them.
         processor: the [`UmbrellaLlavaProcessor`] whose chat template, tokenizer and image processor are used.
         image_root: folder that relative volume paths are resolved against; defaults to each data file's folder.
         max_length: truncate token sequences to this length. Truncation may cut text, never an image-token block.
-        on_invalid: `"error"` raises on the first invalid record; `"skip"` drops invalid records and reports how
-            many, and why, in one warning (the details are in `dataset.skipped`).
+        on_invalid: `"error"` raises on the first invalid record (with `check_volumes`, on all of them at once);
+            `"skip"` drops invalid records, and lines or files that do not parse, and reports how many, and why, in
+            one warning (the details are in `dataset.skipped`).
         cache_dir: folder for preprocessed volumes, so later epochs do not decode NIfTI files again.
+        allow_outside_image_root: accept volume paths that lead out of `image_root` (`../`, or absolute elsewhere);
+            refused by default when `image_root` is given.
+        check_volumes: decode every volume once now (with a progress bar, and into the cache), so that a bad file
+            is an invalid record before training instead of an error hours in.
 
     `dataset[i]` is `{"input_ids": (L,), "labels": (L,), "pixel_values": (n_i, C, H, W, D)}`, named as the model's
     forward parameters so the Trainer keeps them; `dataset.records[i]` holds the record (`task_type`, `record_id`,
@@ -306,9 +570,13 @@ class ConversationDataset(Dataset):
 
     Raises:
         InvalidRecordError / FileNotFoundError: with `on_invalid="error"`, naming the record and its file (see
-            [`parse_record`]); also for a record whose image-token block `max_length` would cut, or that keeps no
-            labeled token after truncation.
+            [`parse_record`]); also for a record whose image-token block `max_length` would cut, that keeps no
+            labeled token after truncation, or (with `check_volumes`) whose volume cannot be preprocessed. With
+            `check_volumes`, one error lists every invalid record when there are several.
         ValueError: if no valid record remains.
+
+    Warns:
+        UserWarning: counting the records identical to an earlier one (kept), and the skipped records.
     """
 
     def __init__(
@@ -319,6 +587,8 @@ class ConversationDataset(Dataset):
         max_length: int | None = None,
         on_invalid: Literal["error", "skip"] = "error",
         cache_dir: str | Path | None = None,
+        allow_outside_image_root: bool = False,
+        check_volumes: bool = False,
     ):
         if on_invalid not in ("error", "skip"):
             raise ValueError(f"`on_invalid` must be 'error' or 'skip', got {on_invalid!r}.")
@@ -329,24 +599,34 @@ class ConversationDataset(Dataset):
         self.max_length = max_length
         self.volume_cache = VolumeCache(cache_dir) if cache_dir is not None else None
 
-        self.records: list[ConversationRecord] = []
-        self.lengths: list[int] = []
-        self.skipped: list[tuple[str, str, str]] = []
-        num_read = 0
-        for source, index, raw in read_raw_records(self.path):
-            num_read += 1
-            try:
-                record = parse_record(raw, source, index, processor.image_token, image_root)
-                input_ids, _ = self.encode(record)
-            except (InvalidRecordError, FileNotFoundError) as error:
-                if on_invalid == "error":
-                    raise
-                kind = getattr(error, "kind", "missing volume")
-                self.skipped.append((_describe(_record_id(raw, index), source, index), kind, str(error)))
-                continue
-            self.records.append(record)
-            self.lengths.append(len(input_ids))
-
+        scan = scan_records(
+            self.path,
+            processor,
+            image_root=image_root,
+            max_length=max_length,
+            allow_outside_image_root=allow_outside_image_root,
+            stop_at_first=on_invalid == "error" and not check_volumes,
+            load_volume=self.load_volume if check_volumes else None,
+        )
+        num_read = scan.num_read
+        if scan.problems and on_invalid == "error":
+            if len(scan.problems) == 1:
+                raise scan.problems[0][1]
+            raise InvalidRecordError(scan.describe_problems(self.path), "several")
+        self.records: list[ConversationRecord] = scan.records
+        self.lengths: list[int] = scan.lengths
+        self.skipped: list[tuple[str, str, str]] = [
+            (where, problem_kind(error), str(error)) for where, error in scan.problems
+        ]
+        self.duplicates: list[tuple[str, str]] = scan.duplicates
+        if self.duplicates:
+            first, earlier = self.duplicates[0]
+            warnings.warn(
+                f"{len(self.duplicates)} of {num_read} records in {self.path} are identical to an earlier record; they "
+                f"are kept, so each weighs more in training. First: {first} repeats {earlier}. See "
+                "`dataset.duplicates` for all.",
+                stacklevel=2,
+            )
         if self.skipped:
             counts = Counter(kind for _, kind, _ in self.skipped)
             reasons = ", ".join(f"{kind}: {count}" for kind, count in sorted(counts.items()))
@@ -371,33 +651,33 @@ class ConversationDataset(Dataset):
         Raises:
             InvalidRecordError: if truncation would cut or drop an image-token block, or leave no labeled token.
         """
-        input_ids, labels = tokenize_conversation(self.processor, record.messages)
-        if self.max_length is not None and len(input_ids) > self.max_length:
-            if (input_ids[self.max_length :] == self.processor.image_token_id).any():
-                raise InvalidRecordError(
-                    f"{record.where} is {len(input_ids)} tokens long; truncating it to max_length={self.max_length} "
-                    "would cut an image-token block. Raise max_length or shorten the conversation.",
-                    "truncation through an image block",
-                )
-            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        if (labels == IGNORE_INDEX).all():
-            raise InvalidRecordError(
-                f"{record.where} keeps no assistant token within max_length={self.max_length}; an all -100 label "
-                "row gives a NaN loss.",
-                "no assistant token after truncation",
-            )
-        return input_ids, labels
+        return encode_record(self.processor, record, self.max_length)
+
+    def load_volume(self, path: Path) -> torch.Tensor:
+        """One preprocessed volume `(C, H, W, D)`, through the cache when there is one.
+
+        Raises:
+            InvalidVolumeError / OSError: naming the file (see `UmbrellaVolumeProcessor.preprocess_volume`).
+        """
+        image_processor = self.processor.image_processor
+        if self.volume_cache is not None:
+            return self.volume_cache.get(path, image_processor)
+        return image_processor.preprocess_volume(path)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
         input_ids, labels = self.encode(record)
-        image_processor = self.processor.image_processor
-        if self.volume_cache is not None:
-            volumes = [self.volume_cache.get(path, image_processor) for path in record.volume_paths]
-        else:
-            volumes = [image_processor.preprocess_volume(path) for path in record.volume_paths]
-        pixel_values = torch.stack(volumes) if volumes else _no_volumes(image_processor)
+        try:
+            volumes = [self.load_volume(path) for path in record.volume_paths]
+        except (InvalidVolumeError, OSError) as error:
+            raise _volume_error(record, error) from error
+        pixel_values = torch.stack(volumes) if volumes else _no_volumes(self.processor.image_processor)
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+
+
+def _volume_error(record: ConversationRecord, error: Exception) -> InvalidRecordError:
+    kind = getattr(error, "kind", "missing volume" if isinstance(error, FileNotFoundError) else "unreadable volume")
+    return InvalidRecordError(f"{record.where}: {error}", kind)
 
 
 def _record_id(raw: Any, index: int) -> str:
@@ -480,7 +760,10 @@ __all__ = [
     "ConversationRecord",
     "InvalidRecordError",
     "UmbrellaCollator",
+    "RecordScan",
+    "encode_record",
     "parse_record",
     "read_raw_records",
+    "scan_records",
     "tokenize_conversation",
 ]
