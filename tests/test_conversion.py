@@ -5,11 +5,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import REPO_ROOT, run_without_package, tiny_llava_kwargs
 from safetensors import safe_open
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2Config, SiglipImageProcessor
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    Qwen2Config,
+    SiglipImageProcessor,
+)
 
 from umbrella_llava import UmbrellaLlavaForConditionalGeneration, UmbrellaVolumeEmbeddings
 from umbrella_llava.conversion import (
@@ -47,7 +59,11 @@ def save_stock_llava(folder: Path, tokenizer, vision: str = "siglip") -> LlavaFo
             if name.endswith("bias"):
                 param.normal_()
     model.save_pretrained(folder)
-    image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    # Each tower with its own pixel normalisation: SigLIP's (x - 0.5) / 0.5, CLIP's per-channel mean and std.
+    if vision == "clip":
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:
+        image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
     LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=STOCK_CHAT_TEMPLATE
     ).save_pretrained(folder)
@@ -131,6 +147,53 @@ def test_inflated_embedder_reproduces_2d_embedding_on_depth_constant_volume(toke
         expected = embeddings_2d(grey[:, None].expand(2, 3, 32, 32))  # (2, [1 +] 16, hidden)
         tokens = embedder(volume)  # (2, [1 +] 16 * 1 depth patch, hidden)
     torch.testing.assert_close(tokens, expected, rtol=1e-12, atol=1e-12)
+
+
+def grey_test_image() -> np.ndarray:
+    """A 32 x 32 8-bit grey image that spans 0..255 (a gradient with texture), so min-max scaling after percentile
+    clipping maps it to [0, 1] within about 1 %."""
+    rows, cols = np.mgrid[0:32, 0:32]
+    texture = np.random.default_rng(0).uniform(-40, 40, (32, 32))
+    return np.clip(rows * 4 + cols * 4 + texture, 0, 255).astype(np.uint8)
+
+
+def patch_projections(embeddings: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The embeddings' tokens without their position table (the table is shared by construction)."""
+    with torch.no_grad():
+        tokens = embeddings(pixel_values)
+    return tokens - embeddings.position_embedding.weight
+
+
+@pytest.mark.parametrize("vision", ["siglip", "clip"])
+def test_converted_processor_and_embedder_give_the_stock_tokens_of_a_grey_image(tmp_path, tokenizer, vision):
+    """The base's pixel normalisation is folded into the inflated kernel: a volume whose depth slices all hold one
+    grey image, read through the converted checkpoint's own processor, gets at every depth the patch embeddings that
+    the stock tower gives that image read through the base's own image processor (R = G = B)."""
+    stock = save_stock_llava(tmp_path / "stock", tokenizer, vision)
+    output = convert_llava_checkpoint(
+        tmp_path / "stock", tmp_path / "umbrella", volume_size=(32, 32, 16), patch_size=8
+    )
+    grey = grey_test_image()
+
+    base_processor = AutoImageProcessor.from_pretrained(tmp_path / "stock")
+    image = PIL.Image.fromarray(np.stack([grey] * 3, axis=-1))
+    expected = patch_projections(
+        stock.model.vision_tower.embeddings, base_processor(image, return_tensors="pt")["pixel_values"]
+    )
+
+    volume_path = tmp_path / "grey.nii.gz"
+    nib.Nifti1Image(np.repeat(grey[:, :, None], 16, axis=2).astype(np.float32), np.eye(4)).to_filename(volume_path)
+    processor = AutoProcessor.from_pretrained(output)
+    pixel_values = processor.image_processor([[volume_path]], return_tensors="pt")["pixel_values"]
+    model = UmbrellaLlavaForConditionalGeneration.from_pretrained(output)
+    tokens = patch_projections(model.model.vision_tower.embeddings, pixel_values[:, 0])
+
+    prefix = int(model.config.volume_class_token)  # CLIP's class token carries no pixels: compare the patches
+    grid = tokens[0, prefix:].reshape(4, 4, 2, -1)  # (h, w, d) patches of the (32, 32, 16) volume
+    expected = expected[0, prefix:].reshape(4, 4, -1)  # (h, w) patches of the 32 x 32 image
+    for depth in range(2):
+        error = (grid[:, :, depth] - expected).norm() / expected.norm()
+        assert error < 0.02, (vision, depth, float(error))
 
 
 def test_inflation_resamples_kernel_and_repeats_positions_over_depth(tokenizer):

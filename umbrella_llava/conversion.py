@@ -11,26 +11,43 @@ inflating the 2-D one (`inflate_volume_embeddings`, the default) or randomly (`r
 
 Inflation, I3D-style, for a 2-D patch kernel `(hidden, C2d, p, p)` and a 3-D patch `(ph, pw, pd)` of `C` channels:
 
-1. kernel: resize `(p, p)` to `(ph, pw)` with FlexiViT's pseudo-inverse resize (`timm.layers.resample_patch_embed`,
+1. pixel normalisation: the base's image processor feeds its tower `(p * rescale_factor - mean_c) / std_c` for 8-bit
+   pixels `p`, while the converted processor min-max scales each volume to [0, 1]. A [0, 1] voxel `v` stands for the
+   8-bit pixel `255 v`, so the kernel's channel `c` is multiplied by `255 * rescale_factor / std_c` and
+   `sum_c (mean_c / std_c) * sum(kernel_c)` is taken off the bias (`fold_pixel_normalization`). The tower then
+   receives, from the converted processor's output, what it received from its own processor.
+2. kernel: resize `(p, p)` to `(ph, pw)` with FlexiViT's pseudo-inverse resize (`timm.layers.resample_patch_embed`,
    a no-op when the sizes agree), sum over the C2d input channels, replicate over `pd` depth slices and the `C`
-   volume channels, and divide by `pd * C`. A volume whose channels all hold the same grey slice, repeated along
-   depth, then gives exactly the token the 2-D tower gives that slice fed as R = G = B; the bias is copied (zero for
-   CLIP, whose 2-D kernel has none).
-2. position table: reshape the 2-D table to its `(p_h, p_w)` grid, resample it to the volume's `(gh, gw)` grid
+   volume channels, and divide by `pd * C`; the bias is kept (zero for CLIP, whose 2-D kernel has none).
+3. position table: reshape the 2-D table to its `(p_h, p_w)` grid, resample it to the volume's `(gh, gw)` grid
    (`timm.layers.resample_abs_pos_embed`, bicubic; a no-op when the grids agree) and repeat it over the `gd` depth
    positions. The depth order is therefore not in the initial positions; the first training stage learns it.
-3. class token (CLIP): the class embedding and its position are copied.
+4. class token (CLIP): the class embedding and its position are copied.
+
+What holds exactly: a volume whose depth slices (and channels) all hold one grey image, read through the converted
+checkpoint's processor, gets at every depth the tokens that the stock tower gives that image read through the base's
+own image processor as R = G = B, up to what percentile clipping moves (about 1 % for an image that spans its 8-bit
+range) and, when the patch size changes, up to the pseudo-inverse resize. Nothing else about a 3-D volume matches a
+2-D image: the first training stage teaches the tower depth.
 """
 
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from einops import rearrange, repeat
 from timm.layers import resample_abs_pos_embed, resample_patch_embed, trunc_normal_
-from transformers import AutoProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, PretrainedConfig
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PretrainedConfig,
+)
 
 from .configuration_umbrella_llava import UmbrellaLlavaConfig, _as_triple
 from .image_processing_umbrella_llava import UmbrellaVolumeProcessor
@@ -133,6 +150,73 @@ def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32))
 
 
+@dataclass(frozen=True)
+class PixelNormalization:
+    """What the base's image processor does to an 8-bit pixel `p` of channel `c`: `(p * scale - mean[c]) / std[c]`.
+
+    `scale` is `rescale_factor` when the processor rescales (1/255 for every LLaVA base) and 1 otherwise; `mean` and
+    `std` are 0 and 1 per channel when it does not normalise.
+    """
+
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_image_processor(cls, image_processor, num_channels: int) -> "PixelNormalization":
+        scale = float(image_processor.rescale_factor) if getattr(image_processor, "do_rescale", False) else 1.0
+        if getattr(image_processor, "do_normalize", False):
+            mean, std = image_processor.image_mean, image_processor.image_std
+            mean = [mean] * num_channels if isinstance(mean, (int, float)) else list(mean)
+            std = [std] * num_channels if isinstance(std, (int, float)) else list(std)
+        else:
+            mean, std = [0.0] * num_channels, [1.0] * num_channels
+        if len(mean) != num_channels or len(std) != num_channels or not all(s > 0 for s in std):
+            raise ValueError(
+                f"The base's image processor has image_mean {mean} and image_std {std}, which do not describe its "
+                f"{num_channels}-channel tower (one mean and one positive std per channel)."
+            )
+        return cls(scale, tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+def read_pixel_normalization(base: str | os.PathLike, num_channels: int) -> PixelNormalization:
+    """The pixel normalisation of `base`'s image processor (`preprocessor_config.json`, class defaults filled in).
+
+    Raises:
+        ValueError: if `base` has no image processor, so what its tower was trained on is unknown.
+    """
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(os.fspath(base))
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--base {os.fspath(base)!r} has no readable image processor (preprocessor_config.json), so the pixel "
+            f"normalisation its vision tower was trained on is unknown: {error}"
+        ) from error
+    return PixelNormalization.from_image_processor(image_processor, num_channels)
+
+
+def fold_pixel_normalization(
+    kernel_2d: torch.Tensor, bias_2d: torch.Tensor | None, normalization: PixelNormalization
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold the base's pixel normalisation into its 2-D patch kernel and bias, for inputs in [0, 1].
+
+    Args:
+        kernel_2d: `(hidden, C2d, p_h, p_w)` Conv2d weight.
+        bias_2d: `(hidden,)` Conv2d bias, or `None` (CLIP).
+        normalization: the base's, see [`PixelNormalization`]; a [0, 1] input `v` stands for the 8-bit pixel `255 v`.
+
+    Returns:
+        `(kernel, bias)` with `<kernel, v> + bias == <kernel_2d, (255 v * scale - mean) / std> + bias_2d` for every
+        `v`, float32 (float64 for a float64 kernel).
+    """
+    kernel = _at_least_float32(kernel_2d)
+    std = kernel.new_tensor(normalization.std)[None, :, None, None]
+    mean = kernel.new_tensor(normalization.mean)[None, :, None, None]
+    folded = kernel * (255 * normalization.scale / std)
+    bias = _at_least_float32(bias_2d) if bias_2d is not None else kernel.new_zeros(kernel.shape[0])
+    return folded, bias - (kernel * mean / std).sum(dim=(1, 2, 3))
+
+
 def inflate_patch_kernel(
     kernel_2d: torch.Tensor, volume_patch_size: Sequence[int], volume_channels: int
 ) -> torch.Tensor:
@@ -182,7 +266,9 @@ def interpolate_position_table(
 
 
 def inflate_volume_embeddings(
-    embeddings_2d: dict[str, torch.Tensor], config: UmbrellaLlavaConfig
+    embeddings_2d: dict[str, torch.Tensor],
+    config: UmbrellaLlavaConfig,
+    pixel_normalization: PixelNormalization | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state of [`UmbrellaVolumeEmbeddings`] inflated from the tower's 2-D embeddings (recipe in the module doc).
 
@@ -190,6 +276,9 @@ def inflate_volume_embeddings(
         embeddings_2d: state dict of the stock tower's `embeddings` (`patch_embedding.weight` `(hidden, C2d, p, p)`,
             optional `patch_embedding.bias`, `position_embedding.weight`, and CLIP's `class_embedding` `(hidden,)`).
         config: the UmbrellaLlava config that sets the volume geometry.
+        pixel_normalization: the base's image processor's, folded into the kernel and bias so that [0, 1] volumes
+            reach the tower on the scale it was trained on; `None` folds nothing (the 3-D embedder then gives the
+            2-D tower's tokens for raw grey values).
 
     Returns:
         tensors keyed like `UmbrellaVolumeEmbeddings.state_dict()`, float32 (float64 for float64 inputs).
@@ -210,6 +299,8 @@ def inflate_volume_embeddings(
             "use --embedder_init random for this tower."
         )
     bias = embeddings_2d.get("patch_embedding.bias")
+    if pixel_normalization is not None:
+        kernel, bias = fold_pixel_normalization(kernel, bias, pixel_normalization)
     state = {
         "patch_embedding.weight": inflate_patch_kernel(kernel, config.volume_patch_size, config.volume_channels),
         "patch_embedding.bias": _at_least_float32(bias) if bias is not None else kernel.new_zeros(kernel.shape[0]),
@@ -274,8 +365,12 @@ def convert_llava_model(
     config: UmbrellaLlavaConfig,
     embedder_init: str = "inflate",
     seed: int = 0,
+    pixel_normalization: PixelNormalization | None = None,
 ) -> UmbrellaLlavaForConditionalGeneration:
     """Build the UmbrellaLlava model of `config` from a loaded stock LLaVA model.
+
+    `pixel_normalization` (the base image processor's, see [`read_pixel_normalization`]) is folded into the
+    inflated kernel; `None` inflates the raw kernel.
 
     Every stock tensor except the tower's 2-D embeddings, `post_layernorm` and SigLIP head is copied bit-identically
     (same dtype) with a strict `load_state_dict`; the 3-D embedder comes from `embedder_init`.
@@ -307,7 +402,7 @@ def convert_llava_model(
             for name, tensor in stock_state.items()
             if name.startswith(EMBEDDINGS_PREFIX)
         }
-        embedder_state = inflate_volume_embeddings(embeddings_2d, config)
+        embedder_state = inflate_volume_embeddings(embeddings_2d, config, pixel_normalization)
     else:
         embedder_state = random_volume_embeddings(config, seed=seed)
     embedder_state = {EMBEDDINGS_PREFIX + name: tensor.to(dtype) for name, tensor in embedder_state.items()}
@@ -394,10 +489,15 @@ def build_volume_processor(
 ) -> UmbrellaLlavaProcessor:
     """An UmbrellaLlavaProcessor that matches `config` (volume size, channels, tokens per volume).
 
+    Its volumes are min-max scaled to [0, 1], the range into which the inflated embedder folds the base's pixel
+    normalisation (see the module doc), whatever the package's default normalisation is.
+
     Importing umbrella_llava registers both processor classes for their Auto classes, so `save_pretrained` writes
     their code and `auto_map` and the folder loads with `AutoProcessor.from_pretrained(..., trust_remote_code=True)`.
     """
-    image_processor = UmbrellaVolumeProcessor(volume_size=config.volume_size, volume_channels=config.volume_channels)
+    image_processor = UmbrellaVolumeProcessor(
+        volume_size=config.volume_size, volume_channels=config.volume_channels, normalization="minmax"
+    )
     return UmbrellaLlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -464,8 +564,14 @@ def convert_llava_checkpoint(
     check_image_token(tokenizer, config, base)
     processor = build_volume_processor(config, tokenizer, resolve_chat_template(chat_template, base, tokenizer))
 
+    pixel_normalization = None
+    if embedder_init == "inflate":
+        pixel_normalization = read_pixel_normalization(base, config.vision_config.num_channels)
+
     stock = load_stock_llava(base, dtype)
-    model = convert_llava_model(stock, config, embedder_init=embedder_init, seed=seed)
+    model = convert_llava_model(
+        stock, config, embedder_init=embedder_init, seed=seed, pixel_normalization=pixel_normalization
+    )
     del stock
     # Recorded so that push_to_hub can name the base model on the model card.
     model.config.converted_from = os.fspath(base)
@@ -481,16 +587,19 @@ __all__ = [
     "CHAT_TEMPLATE_CHOICES",
     "DTYPES",
     "EMBEDDER_INITS",
+    "PixelNormalization",
     "build_volume_processor",
     "check_image_token",
     "convert_llava_checkpoint",
     "convert_llava_model",
+    "fold_pixel_normalization",
     "inflate_patch_kernel",
     "inflate_volume_embeddings",
     "interpolate_position_table",
     "load_stock_llava",
     "random_volume_embeddings",
     "read_llava_config",
+    "read_pixel_normalization",
     "resolve_chat_template",
     "umbrella_config_from_llava",
 ]
