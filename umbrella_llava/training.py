@@ -140,6 +140,17 @@ class DataArguments:
             "choices": ["error", "skip"],
         },
     )
+    check_data: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode every volume once before the first step (as umbrella-check-data does), so that a bad file "
+            "is reported with all the others now, or skipped with --on_invalid skip, instead of failing hours in."
+        },
+    )
+    allow_outside_image_root: bool = field(
+        default=False,
+        metadata={"help": "Accept volume paths that lead out of --image_root (../ or absolute elsewhere)."},
+    )
     generation_eval_steps: int | None = field(
         default=None,
         metadata={
@@ -423,6 +434,8 @@ def load_dataset(
             max_length=data_args.max_length,
             on_invalid=data_args.on_invalid,
             cache_dir=data_args.cache_dir,
+            allow_outside_image_root=data_args.allow_outside_image_root,
+            check_volumes=data_args.check_data,
         )
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{flag} {path}: {error}") from error
