@@ -13,6 +13,7 @@ import fnmatch
 import json
 import logging
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,16 @@ from .configuration_umbrella_llava import UmbrellaLlavaConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "README_TEMPLATE.md"
+
+def _packaged_template() -> Path:
+    """`model_cards/README_TEMPLATE.md`, which an install ships as `umbrella_llava.model_cards` (wheel or editable)."""
+    try:
+        return Path(str(resources.files(f"{__package__}.model_cards") / "README_TEMPLATE.md"))
+    except ModuleNotFoundError:  # a clone run without installing: the folder beside the package
+        return Path(__file__).resolve().parents[1] / "model_cards" / "README_TEMPLATE.md"
+
+
+DEFAULT_TEMPLATE = _packaged_template()
 DEFAULT_LICENSE = "apache-2.0"
 CARD_TAGS = ["custom_code", "medical", "mri", "3d", "brain", "llava", "umbrella_llava"]
 
