@@ -43,8 +43,9 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .checkpoints import damaged_weight_files, incomplete_checkpoint_reasons
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
 from .data import ConversationDataset, ConversationRecord, UmbrellaCollator
 from .image_processing_umbrella_llava import stack_volumes
@@ -318,7 +319,14 @@ def load_model_and_processor(model_args: ModelArguments) -> tuple[PreTrainedMode
     load_kwargs: dict[str, Any] = {"trust_remote_code": model_args.trust_remote_code, "dtype": dtype}
     if model_args.attn_implementation is not None:
         load_kwargs["attn_implementation"] = model_args.attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(source, **load_kwargs)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, **load_kwargs)
+    except Exception as error:
+        damaged = damaged_weight_files(source) if os.path.isdir(source) else {}
+        if not damaged:
+            raise
+        named = "; ".join(f"{os.path.join(source, name)} {reason}" for name, reason in damaged.items())
+        raise ValueError(f"--model_name_or_path {source}: {named}.") from error
 
     try:
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
@@ -646,25 +654,39 @@ def _log_main(training_args: TrainingArguments, message: str) -> None:
 
 
 def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint` as a folder: a path as given, or `last` / `true` for the newest checkpoint-N in
-    `output_dir`.
+    """`--resume_from_checkpoint` as a folder: a path as given, or `last` / `true` for the newest complete
+    checkpoint-N in `output_dir`. An incomplete one (a save that was killed, a damaged file; see
+    `checkpoints.incomplete_checkpoint_reasons`) is skipped by `last` with a warning naming it and why, and refused
+    when named.
 
     Raises:
-        FileNotFoundError: if the folder does not exist, or `last` finds no checkpoint.
+        FileNotFoundError: if the folder does not exist, or `last` finds no complete checkpoint.
+        ValueError: if the named folder is incomplete, naming each damaged or missing file.
     """
     value = training_args.resume_from_checkpoint
     if value is None or value.lower() == "false":
         return None
-    if value.lower() in ("last", "true"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint {value}: no checkpoint-N folder in {training_args.output_dir}."
-            )
-        return last
-    if not os.path.isdir(value):
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder.")
-    return value
+    if value.lower() not in ("last", "true"):
+        if not os.path.isdir(value):
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder.")
+        reasons = incomplete_checkpoint_reasons(value)
+        if reasons:
+            raise ValueError(f"--resume_from_checkpoint {value} is incomplete: {'; '.join(reasons)}.")
+        return value
+    output_dir = training_args.output_dir
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    for _, name in sorted(((int(match[1]), name) for name in names if (match := pattern.match(name))), reverse=True):
+        folder = os.path.join(output_dir, name)
+        if not os.path.isdir(folder):
+            continue
+        reasons = incomplete_checkpoint_reasons(folder)
+        if not reasons:
+            return folder
+        logger.warning(
+            "--resume_from_checkpoint %s: skipping %s, which is incomplete: %s.", value, folder, "; ".join(reasons)
+        )
+    raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}.")
 
 
 def build_trainer(

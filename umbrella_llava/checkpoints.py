@@ -1,0 +1,70 @@
+"""Is a checkpoint folder whole? The files a killed save or a damaged disk leaves behind, named one by one.
+
+Used where a checkpoint is read: `training.resolve_resume_checkpoint` (resume, and `last` skipping an incomplete
+checkpoint-N), `training.load_model_and_processor` (a weights file that does not load), and `hub.validate_checkpoint`
+(nothing half-written is uploaded).
+
+A `Trainer` writes a checkpoint-N folder in this order: weights, optimizer / scheduler / scaler, RNG state, and
+`trainer_state.json` last. So a folder without a readable `trainer_state.json` is a save that did not finish.
+"""
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+TRAINER_STATE = "trainer_state.json"
+# Files `torch.save` writes in a checkpoint-N folder; each is a zip archive, whose directory sits at its very end.
+TORCH_STATE_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def damaged_weight_files(folder: str | os.PathLike, read_tensors: bool = False) -> dict[str, str]:
+    """The `*.safetensors` files of `folder` that do not deserialize, each with what is wrong.
+
+    Opening a file reads its header and checks that the tensors it lists cover the file exactly, which catches a
+    truncated or padded file at no cost. With `read_tensors`, every tensor is also read (as a push does before upload).
+
+    Returns:
+        `{file name: reason}`; empty when every weights file is whole.
+    """
+    damaged = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as weights:
+                if read_tensors:
+                    for name in weights.keys():
+                        weights.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            damaged[path.name] = f"does not deserialize (truncated or damaged?): {error}"
+    return damaged
+
+
+def incomplete_checkpoint_reasons(folder: str | os.PathLike) -> list[str]:
+    """Why a Trainer `checkpoint-N` folder cannot be resumed from, one reason per damaged or missing file.
+
+    Checked: `trainer_state.json` exists and parses (it is written last), every `*.safetensors` file opens, and every
+    torch state file (`optimizer.pt`, `scheduler.pt`, `rng_state.pth`, `training_args.bin`, ...) is a complete zip.
+
+    Returns:
+        The reasons, each naming its file; empty for a complete checkpoint.
+    """
+    folder = Path(folder)
+    reasons = []
+    state = folder / TRAINER_STATE
+    if not state.is_file():
+        reasons.append(f"{state} is missing (the Trainer writes it last, so the save did not finish)")
+    else:
+        try:
+            json.loads(state.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            reasons.append(f"{state} does not parse ({error})")
+    reasons += [f"{folder / name} {reason}" for name, reason in damaged_weight_files(folder).items()]
+    for path in sorted(folder.iterdir()):
+        if path.suffix in TORCH_STATE_SUFFIXES and path.is_file() and not zipfile.is_zipfile(path):
+            reasons.append(f"{path} is not a complete torch file (truncated or damaged?)")
+    return reasons
+
+
+__all__ = ["damaged_weight_files", "incomplete_checkpoint_reasons"]
