@@ -14,19 +14,11 @@ from conftest import REPO_ROOT, run_without_package, tiny_config
 from transformers import LlavaConfig, Trainer, TrainerCallback
 
 from umbrella_llava import UmbrellaLlavaForConditionalGeneration
+from umbrella_llava.distributed import check_distributed_launch
+from umbrella_llava.evaluation import accuracy_metrics, evaluate_generation, generation_prompt, normalize_answer
 from umbrella_llava.image_processing_umbrella_llava import UmbrellaVolumeProcessor
 from umbrella_llava.processing_umbrella_llava import UmbrellaLlavaProcessor
-from umbrella_llava.training import (
-    ModelArguments,
-    accuracy_metrics,
-    build_trainer,
-    check_distributed_launch,
-    evaluate_generation,
-    generation_prompt,
-    main,
-    normalize_answer,
-    parse_arguments,
-)
+from umbrella_llava.training import ModelArguments, build_trainer, main, parse_arguments
 
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
 

@@ -41,10 +41,10 @@ from umbrella_llava import (
     UmbrellaVolumeProcessor,
 )
 from umbrella_llava.data import ConversationDataset, UmbrellaCollator
+from umbrella_llava.evaluation import evaluate_generation
 from umbrella_llava.hub import render_model_card
 from umbrella_llava.preview import save_preview
 from umbrella_llava.tokenization import build_chatml_tokenizer
-from umbrella_llava.training import evaluate_generation
 
 logger = logging.getLogger("demo")
 

@@ -1,36 +1,29 @@
-"""Fine-tuning UmbrellaLlava with the stock `transformers.Trainer`: arguments, what trains, checks, generation accuracy.
+"""Fine-tuning UmbrellaLlava with the stock `transformers.Trainer`: arguments, what trains, building and running.
 
-`scripts/train.py` is a thin entry point over [`main`]; everything it does is importable from here:
+`scripts/train.py` and the `umbrella-train` command are thin entry points over [`main`]; everything it does is
+importable from here:
 
     parse_arguments ─▶ check_distributed_launch ─▶ load_model_and_processor ─▶ configure_trainable_parameters
       ─▶ load_datasets ─▶ Trainer(data_collator=UmbrellaCollator) ─▶ check_process_group ─▶ train
       ─▶ check_replicas_in_sync ─▶ save ─▶ evaluate_generation
 
 Every input is checked before the first step: unknown flags, a checkpoint that is not an UmbrellaLlava, a data file
-that does not parse, an empty dataset, a multi-process launch whose processes would not form one group.
+that does not parse, an empty dataset, a multi-process launch whose processes would not form one group
+(`distributed.py`). Generation accuracy is measured by `evaluation.py`.
 
 Distributed runs (`torchrun`, `accelerate launch`, `--deepspeed`): the Trainer does the data sharding and gradient
-averaging. On a machine without an accelerator, the processes form one gloo group only with `--use_cpu`; without it
-each process would silently train alone on the whole dataset, so [`check_distributed_launch`] refuses such a launch
-with an error rather than guessing, and [`check_process_group`] proves the group after setup.
+averaging.
 """
 
-import hashlib
 import json
 import logging
-import math
 import os
 import re
-import string
 import sys
-import unicodedata
-from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -39,7 +32,6 @@ from transformers import (
     HfArgumentParser,
     PreTrainedModel,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -47,9 +39,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoints import damaged_weight_files, incomplete_checkpoint_reasons
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
-from .data import ConversationDataset, ConversationRecord, UmbrellaCollator
-from .image_processing_umbrella_llava import stack_volumes
-from .processing_umbrella_llava import UmbrellaLlavaProcessor, drop_volume_inputs_without_volumes
+from .data import ConversationDataset, UmbrellaCollator
+from .distributed import check_distributed_launch, check_process_group, check_replicas_in_sync
+from .evaluation import GenerationAccuracyCallback, generation_prompt
+from .processing_umbrella_llava import UmbrellaLlavaProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +51,6 @@ TRAIN_MODES = ("embedder", "embedder_projector", "full", "lora")
 EMBEDDER = "model.vision_tower.embeddings"
 PROJECTOR = "model.multi_modal_projector"
 LANGUAGE_MODEL = "model.language_model"
-GENERATION_REPORT = "eval_generation.json"
-DISTRIBUTED_REPORT = "distributed_check.json"
 CONVERT_SCRIPT = "scripts/convert_llava_checkpoint.py"
 
 
@@ -183,103 +174,6 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         parse = parser.parse_json_file if path.endswith(".json") else parser.parse_yaml_file
         return parse(path, allow_extra_keys=False)
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Distributed launch checks
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _accelerator_available() -> bool:
-    if torch.cuda.is_available():
-        return True
-    accelerator = getattr(torch, "accelerator", None)
-    return bool(accelerator is not None and accelerator.is_available())
-
-
-def check_distributed_launch(training_args: TrainingArguments, environ: dict[str, str] | None = None) -> None:
-    """Refuse a multi-process launch whose processes would not form one process group.
-
-    Under `torchrun` / `accelerate launch` on a machine without an accelerator, the Trainer joins the processes into
-    one gloo group only with `use_cpu=True`; otherwise each process trains alone on the whole dataset and nothing
-    says so. We raise instead of setting `use_cpu` ourselves: on a GPU machine, a missing accelerator usually means
-    a broken driver or `CUDA_VISIBLE_DEVICES`, which should not silently become a CPU run.
-
-    Raises:
-        ValueError: if `WORLD_SIZE > 1`, no accelerator is visible and `use_cpu` is False.
-    """
-    environ = os.environ if environ is None else environ
-    world_size = int(environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not training_args.use_cpu and not _accelerator_available():
-        raise ValueError(
-            f"Launched with WORLD_SIZE={world_size} but no GPU or other accelerator is visible and --use_cpu is not "
-            "set: each process would train alone on the whole dataset instead of forming one group. Pass --use_cpu "
-            "to train on CPUs (gloo), or make the GPUs visible (check the driver and CUDA_VISIBLE_DEVICES)."
-        )
-
-
-def check_process_group(training_args: TrainingArguments, environ: dict[str, str] | None = None) -> int:
-    """After the Trainer is set up, prove that all launched processes are in one process group.
-
-    Returns:
-        The world size.
-
-    Raises:
-        RuntimeError: if the Trainer's world size, the process group's size and `WORLD_SIZE` disagree, or an
-            all-reduce across the group does not see every rank.
-    """
-    environ = os.environ if environ is None else environ
-    launched = int(environ.get("WORLD_SIZE", "1"))
-    if launched == 1:
-        return 1
-    group_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
-    if training_args.world_size != launched or group_size != launched:
-        raise RuntimeError(
-            f"WORLD_SIZE={launched} processes were launched, but the Trainer sees world_size="
-            f"{training_args.world_size} and the process group has {group_size} members; the processes did not "
-            "form one group."
-        )
-    ranks = torch.zeros(launched, dtype=torch.float64, device=training_args.device)
-    ranks[dist.get_rank()] = 1
-    dist.all_reduce(ranks)
-    if not bool((ranks == 1).all()):
-        raise RuntimeError(f"An all-reduce over the process group saw ranks {ranks.tolist()}; expected one of each.")
-    return launched
-
-
-def parameter_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of every trainable parameter's bytes, in name order: equal across ranks iff the replicas agree."""
-    digest = hashlib.sha256()
-    for name, parameter in sorted(model.named_parameters()):
-        if parameter.requires_grad:
-            digest.update(name.encode())
-            digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_replicas_in_sync(trainer: Trainer) -> dict[str, Any]:
-    """After training, check that every rank holds the same trainable weights, and record the check.
-
-    Writes `output_dir/distributed_check.json` (main process) with the world size, the backend and each rank's
-    parameter fingerprint. Skipped under DeepSpeed, whose ZeRO stages shard the parameters.
-
-    Raises:
-        RuntimeError: if the ranks' trainable parameters differ.
-    """
-    args = trainer.args
-    report: dict[str, Any] = {"world_size": args.world_size, "process_index": args.process_index}
-    if args.world_size > 1 and not trainer.is_deepspeed_enabled:
-        fingerprints: list[str | None] = [None] * args.world_size
-        dist.all_gather_object(fingerprints, parameter_fingerprint(trainer.model))
-        report.update(backend=dist.get_backend(), fingerprints=fingerprints, in_sync=len(set(fingerprints)) == 1)
-    elif args.world_size == 1:
-        report.update(fingerprints=[parameter_fingerprint(trainer.model)], in_sync=True)
-    if args.should_save:
-        os.makedirs(args.output_dir, exist_ok=True)
-        Path(args.output_dir, DISTRIBUTED_REPORT).write_text(json.dumps(report, indent=2))
-    if report.get("in_sync") is False:
-        raise RuntimeError(f"The ranks' trainable parameters differ after training: {report['fingerprints']}.")
-    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -408,18 +302,6 @@ def configure_trainable_parameters(model: PreTrainedModel, model_args: ModelArgu
     return get_peft_model(model, lora_config)
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """`(trainable, total)` parameter counts; a tied weight counts once."""
-    seen, trainable, total = set(), 0, 0
-    for parameter in model.parameters():
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        total += parameter.numel()
-        trainable += parameter.numel() if parameter.requires_grad else 0
-    return trainable, total
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
@@ -449,198 +331,6 @@ def load_dataset(
         raise FileNotFoundError(f"{flag} {path}: {error}") from error
     except ValueError as error:
         raise ValueError(f"{flag} {path}: {error}") from error
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Generation accuracy
-# ---------------------------------------------------------------------------------------------------------------------
-
-UNTYPED = "untyped"
-
-
-def normalize_answer(text: str) -> str:
-    """The form answers are compared in: Unicode NFKC, lower case, punctuation turned into spaces, runs of whitespace
-    collapsed, stripped. `"Yes."` and `" yes"` match; `"T1-weighted"` becomes `"t1 weighted"`."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(" " if ch in string.punctuation or unicodedata.category(ch).startswith("P") else ch for ch in text)
-    return " ".join(text.split())
-
-
-def _content_text(content: str | list[dict[str, Any]]) -> str:
-    if isinstance(content, str):
-        return content
-    return "".join(item["text"] for item in content if item["type"] == "text")
-
-
-def _count_placeholders(content: str | list[dict[str, Any]], image_token: str) -> int:
-    if isinstance(content, str):
-        return content.count(image_token)
-    return sum(1 if item["type"] == "image" else item["text"].count(image_token) for item in content)
-
-
-def generation_prompt(record: ConversationRecord, image_token: str = "<image>") -> tuple[list[dict[str, Any]], str]:
-    """Split a record into the prompt (every turn before the last assistant turn) and the reference answer.
-
-    Raises:
-        ValueError: naming the record, if its last assistant turn holds an image placeholder (its volume would be
-            missing from the prompt).
-    """
-    last = max(i for i, message in enumerate(record.messages) if message["role"] == "assistant")
-    answer = record.messages[last]["content"]
-    if _count_placeholders(answer, image_token):
-        raise ValueError(
-            f"{record.where}: its last assistant turn holds an image placeholder, so it cannot be the reference "
-            "answer of a generation evaluation."
-        )
-    return record.messages[:last], _content_text(answer)
-
-
-def accuracy_metrics(results: list[dict[str, Any]], prefix: str = "eval") -> dict[str, float]:
-    """`{prefix}_accuracy_<task_type>` per task type and `{prefix}_accuracy_overall`, from per-record results with
-    `task_type` and `correct`."""
-    per_task: dict[str, list[bool]] = defaultdict(list)
-    for result in results:
-        per_task[result["task_type"]].append(bool(result["correct"]))
-    metrics = {f"{prefix}_accuracy_{task}": sum(flags) / len(flags) for task, flags in sorted(per_task.items())}
-    metrics[f"{prefix}_accuracy_overall"] = sum(r["correct"] for r in results) / max(len(results), 1)
-    return metrics
-
-
-@torch.no_grad()
-def evaluate_generation(
-    model: nn.Module,
-    processor: UmbrellaLlavaProcessor,
-    dataset: ConversationDataset,
-    batch_size: int = 8,
-    max_new_tokens: int | None = None,
-    device: torch.device | str | None = None,
-) -> dict[str, Any]:
-    """Greedy answers for every record of `dataset`, compared with the reference after [`normalize_answer`].
-
-    The prompt is the conversation up to its last assistant turn, rendered with the processor's chat template and
-    `add_generation_prompt=True`; the reference is that turn's text; a record is correct on an exact match of the
-    normalised texts. Under `torch.distributed`, every rank generates for its shard (`rank::world_size`, padded with
-    repeats to the same length, as ZeRO-3's synced generation needs the same number of calls on every rank) and the results are gathered, so
-    every rank returns the same report, each record counted once.
-
-    Returns:
-        `{"metrics": {"accuracy_<task_type>": ..., "accuracy_overall": ...}, "per_task": {task: {"correct",
-        "total"}}, "results": [{"record_id", "task_type", "prompt", "prediction", "reference", "correct"}]}`;
-        records without a `task_type` count as `"untyped"`.
-    """
-    was_training = model.training
-    model.eval()
-    device = device if device is not None else next(model.parameters()).device
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-
-    prompts, references = [], []
-    for record in dataset.records:
-        messages, reference = generation_prompt(record, processor.image_token)
-        prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        references.append(reference)
-    if max_new_tokens is None:
-        longest = max(len(processor.tokenizer.encode(r, add_special_tokens=False)) for r in references)
-        max_new_tokens = longest + 16
-
-    shard = list(range(rank, len(dataset), world_size))
-    # Equal shard lengths give every rank the same number of generate() calls.
-    padded = shard + [shard[-1] if shard else 0] * (math.ceil(len(dataset) / world_size) - len(shard))
-
-    local_results = []
-    for start in range(0, len(padded), batch_size):
-        indices = padded[start : start + batch_size]
-        # Tokenized as in training (data.tokenize_conversation); the volumes come from the dataset and its cache.
-        inputs = processor.tokenizer(
-            [processor.expand_image_placeholders(prompts[i]) for i in indices],
-            add_special_tokens=False,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        )
-        volumes = stack_volumes([dataset[i]["pixel_values"] for i in indices])
-        inputs = {**inputs, **drop_volume_inputs_without_volumes(dict(volumes))}
-        inputs = {key: value.to(device) for key, value in inputs.items()}
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers = processor.tokenizer.batch_decode(
-            generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        for position, (index, answer) in enumerate(zip(indices, answers)):
-            if start + position >= len(shard):
-                continue  # a repeat that only keeps the ranks in step
-            record = dataset.records[index]
-            local_results.append(
-                {
-                    "index": index,
-                    "record_id": record.record_id,
-                    "task_type": record.task_type if record.task_type is not None else UNTYPED,
-                    "prompt": prompts[index],
-                    "prediction": answer,
-                    "reference": references[index],
-                    "correct": normalize_answer(answer) == normalize_answer(references[index]),
-                }
-            )
-
-    if distributed:
-        gathered: list[list[dict[str, Any]] | None] = [None] * world_size
-        dist.all_gather_object(gathered, local_results)
-        local_results = [result for part in gathered for result in part]
-    results = sorted(local_results, key=lambda result: result["index"])
-    if was_training:
-        model.train()
-
-    per_task: dict[str, dict[str, int]] = defaultdict(lambda: {"correct": 0, "total": 0})
-    for result in results:
-        per_task[result["task_type"]]["total"] += 1
-        per_task[result["task_type"]]["correct"] += int(result["correct"])
-    return {
-        "metrics": accuracy_metrics(results, prefix="eval"),
-        "per_task": dict(sorted(per_task.items())),
-        "results": results,
-    }
-
-
-class GenerationAccuracyCallback(TrainerCallback):
-    """Measures generation accuracy on the eval records every `eval_steps` steps, logs it through the Trainer
-    (so it reaches `trainer_state.json` and every reporter) and writes `output_dir/eval_generation.json`."""
-
-    def __init__(
-        self,
-        trainer: Trainer,
-        dataset: ConversationDataset,
-        eval_steps: int | None = None,
-        max_new_tokens: int | None = None,
-    ):
-        self.trainer, self.dataset = trainer, dataset
-        self.eval_steps, self.max_new_tokens = eval_steps, max_new_tokens
-
-    def evaluate(self) -> dict[str, float]:
-        """Run the evaluation now (on every rank), log the metrics and write the report (main process)."""
-        trainer = self.trainer
-        report = evaluate_generation(
-            trainer.model,
-            trainer.processing_class,
-            self.dataset,
-            batch_size=trainer.args.per_device_eval_batch_size,
-            max_new_tokens=self.max_new_tokens,
-            device=trainer.args.device,
-        )
-        metrics = report["metrics"]
-        trainer.log(dict(metrics))
-        if trainer.args.should_save:
-            os.makedirs(trainer.args.output_dir, exist_ok=True)
-            report = {
-                "global_step": trainer.state.global_step,
-                "comparison": "exact match after normalize_answer: NFKC, lower case, punctuation to spaces, "
-                "whitespace collapsed",
-                **report,
-            }
-            Path(trainer.args.output_dir, GENERATION_REPORT).write_text(json.dumps(report, indent=2))
-        return metrics
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.eval_steps and state.global_step % self.eval_steps == 0 and state.global_step < state.max_steps:
-            self.evaluate()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -725,7 +415,8 @@ def build_trainer(
         processing_class=processor,
     )
     world_size = check_process_group(trainer.args)
-    trainable, total = count_parameters(model)
+    # A PeftModel hands num_parameters on to the model it wraps, whose modules include the adapters.
+    trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     _log_main(
         training_args,
         f"train_mode={model_args.train_mode}: {trainable:,} of {total:,} parameters trainable "
@@ -782,21 +473,11 @@ def main(argv: list[str] | None = None) -> Trainer:
 
 __all__ = [
     "DataArguments",
-    "GenerationAccuracyCallback",
     "ModelArguments",
     "TRAIN_MODES",
-    "accuracy_metrics",
     "build_trainer",
-    "check_distributed_launch",
-    "check_process_group",
-    "check_replicas_in_sync",
     "configure_trainable_parameters",
-    "count_parameters",
-    "evaluate_generation",
-    "generation_prompt",
     "load_model_and_processor",
     "main",
-    "normalize_answer",
-    "parameter_fingerprint",
     "run_training",
 ]

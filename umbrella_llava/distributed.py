@@ -1,0 +1,115 @@
+"""Distributed runs: refuse a launch whose processes would not form one group, and prove the group after setup.
+
+On a machine without an accelerator, `torchrun` / `accelerate launch` processes form one gloo group only with
+`--use_cpu`; without it each process would silently train alone on the whole dataset, so
+[`check_distributed_launch`] refuses such a launch with an error rather than guessing, and [`check_process_group`]
+proves the group once the Trainer has set it up.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+DISTRIBUTED_REPORT = "distributed_check.json"
+
+
+def _accelerator_available() -> bool:
+    if torch.cuda.is_available():
+        return True
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator is not None and accelerator.is_available())
+
+
+def check_distributed_launch(training_args: TrainingArguments, environ: dict[str, str] | None = None) -> None:
+    """Refuse a multi-process launch whose processes would not form one process group.
+
+    Under `torchrun` / `accelerate launch` on a machine without an accelerator, the Trainer joins the processes into
+    one gloo group only with `use_cpu=True`; otherwise each process trains alone on the whole dataset and nothing
+    says so. We raise instead of setting `use_cpu` ourselves: on a GPU machine, a missing accelerator usually means
+    a broken driver or `CUDA_VISIBLE_DEVICES`, which should not silently become a CPU run.
+
+    Raises:
+        ValueError: if `WORLD_SIZE > 1`, no accelerator is visible and `use_cpu` is False.
+    """
+    environ = os.environ if environ is None else environ
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not training_args.use_cpu and not _accelerator_available():
+        raise ValueError(
+            f"Launched with WORLD_SIZE={world_size} but no GPU or other accelerator is visible and --use_cpu is not "
+            "set: each process would train alone on the whole dataset instead of forming one group. Pass --use_cpu "
+            "to train on CPUs (gloo), or make the GPUs visible (check the driver and CUDA_VISIBLE_DEVICES)."
+        )
+
+
+def check_process_group(training_args: TrainingArguments, environ: dict[str, str] | None = None) -> int:
+    """After the Trainer is set up, prove that all launched processes are in one process group.
+
+    Returns:
+        The world size.
+
+    Raises:
+        RuntimeError: if the Trainer's world size, the process group's size and `WORLD_SIZE` disagree, or an
+            all-reduce across the group does not see every rank.
+    """
+    environ = os.environ if environ is None else environ
+    launched = int(environ.get("WORLD_SIZE", "1"))
+    if launched == 1:
+        return 1
+    group_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+    if training_args.world_size != launched or group_size != launched:
+        raise RuntimeError(
+            f"WORLD_SIZE={launched} processes were launched, but the Trainer sees world_size="
+            f"{training_args.world_size} and the process group has {group_size} members; the processes did not "
+            "form one group."
+        )
+    ranks = torch.zeros(launched, dtype=torch.float64, device=training_args.device)
+    ranks[dist.get_rank()] = 1
+    dist.all_reduce(ranks)
+    if not bool((ranks == 1).all()):
+        raise RuntimeError(f"An all-reduce over the process group saw ranks {ranks.tolist()}; expected one of each.")
+    return launched
+
+
+def parameter_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every trainable parameter's bytes, in name order: equal across ranks iff the replicas agree."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        if parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas_in_sync(trainer: Trainer) -> dict[str, Any]:
+    """After training, check that every rank holds the same trainable weights, and record the check.
+
+    Writes `output_dir/distributed_check.json` (main process) with the world size, the backend and each rank's
+    parameter fingerprint. Skipped under DeepSpeed, whose ZeRO stages shard the parameters.
+
+    Raises:
+        RuntimeError: if the ranks' trainable parameters differ.
+    """
+    args = trainer.args
+    report: dict[str, Any] = {"world_size": args.world_size, "process_index": args.process_index}
+    if args.world_size > 1 and not trainer.is_deepspeed_enabled:
+        fingerprints: list[str | None] = [None] * args.world_size
+        dist.all_gather_object(fingerprints, parameter_fingerprint(trainer.model))
+        report.update(backend=dist.get_backend(), fingerprints=fingerprints, in_sync=len(set(fingerprints)) == 1)
+    elif args.world_size == 1:
+        report.update(fingerprints=[parameter_fingerprint(trainer.model)], in_sync=True)
+    if args.should_save:
+        os.makedirs(args.output_dir, exist_ok=True)
+        Path(args.output_dir, DISTRIBUTED_REPORT).write_text(json.dumps(report, indent=2))
+    if report.get("in_sync") is False:
+        raise RuntimeError(f"The ranks' trainable parameters differ after training: {report['fingerprints']}.")
+    return report
+
+
+__all__ = ["check_distributed_launch", "check_process_group", "check_replicas_in_sync", "parameter_fingerprint"]
