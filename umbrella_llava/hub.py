@@ -21,7 +21,10 @@ import jinja2
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
 
+from .checkpoints import damaged_weight_files
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
 
 logger = logging.getLogger(__name__)
@@ -94,8 +97,8 @@ def _weight_files(checkpoint: Path) -> tuple[list[str], list[str]]:
 def validate_checkpoint(checkpoint: str | os.PathLike) -> UmbrellaLlavaConfig:
     """Check that `checkpoint` is a complete UmbrellaLlava folder that loads with `trust_remote_code=True`.
 
-    Complete means: `config.json` of `model_type="umbrella_llava"` with `auto_map`, safetensors weights (every shard),
-    the remote-code files, `processor_config.json` (UmbrellaLlavaProcessor with its volume processor),
+    Complete means: `config.json` of `model_type="umbrella_llava"` with `auto_map`, safetensors weights (every shard,
+    each of whose tensors deserializes), the remote-code files, `processor_config.json` (UmbrellaLlavaProcessor with its volume processor),
     `tokenizer_config.json` with a vocabulary file, and a chat template.
 
     Returns:
@@ -129,6 +132,8 @@ def validate_checkpoint(checkpoint: str | os.PathLike) -> UmbrellaLlavaConfig:
         missing_weights = [f"{name}: this is a LoRA adapter checkpoint; push the final merged output_dir of "
                            "scripts/train.py instead" for name in missing_weights]  # fmt: skip
     problems += missing_weights
+    # Before anything is sent: a weights file that exists but was cut short (a killed save) must not be uploaded.
+    problems += [f"{name} {reason}" for name, reason in damaged_weight_files(checkpoint, read_tensors=True).items()]
     problems += [name for name in REMOTE_CODE_FILES if not (checkpoint / name).is_file()]
 
     if not (checkpoint / "processor_config.json").is_file():
@@ -236,9 +241,13 @@ def render_model_card(
     Args:
         repo_id: the id the usage snippet loads; the checkpoint's path when `None`.
 
+    The template renders in Jinja's sandbox, so a template taken from elsewhere cannot reach Python internals
+    (`''.__class__.__mro__`, ...) to run code.
+
     Raises:
         FileNotFoundError: if `template` does not exist.
         jinja2.UndefinedError: if the template names a placeholder this function does not fill.
+        ValueError: naming the template, if it does not parse or reaches for what the sandbox forbids.
     """
     checkpoint = Path(checkpoint)
     template = Path(template)
@@ -283,10 +292,18 @@ def render_model_card(
         if volume_processor.get("clip_percentiles")
         else None,
     }
-    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    content = environment.from_string(template.read_text(encoding="utf-8")).render(
-        card_data=card_data.to_yaml(), **values
-    )
+    environment = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    try:
+        content = environment.from_string(template.read_text(encoding="utf-8")).render(
+            card_data=card_data.to_yaml(), **values
+        )
+    except SecurityError as error:
+        raise ValueError(
+            f"Model card template {template} does what a template may not ({error}); it renders in a sandbox. Use "
+            "only the placeholders render_model_card fills."
+        ) from error
+    except jinja2.TemplateSyntaxError as error:
+        raise ValueError(f"Model card template {template}, line {error.lineno}: {error.message}") from error
     return ModelCard(content)
 
 
