@@ -98,8 +98,8 @@ def validate_checkpoint(checkpoint: str | os.PathLike) -> UmbrellaLlavaConfig:
     """Check that `checkpoint` is a complete UmbrellaLlava folder that loads with `trust_remote_code=True`.
 
     Complete means: `config.json` of `model_type="umbrella_llava"` with `auto_map`, safetensors weights (every shard,
-    each of whose tensors deserializes), the remote-code files, `processor_config.json` (UmbrellaLlavaProcessor with its volume processor),
-    `tokenizer_config.json` with a vocabulary file, and a chat template.
+    each of whose tensors deserializes), the remote-code files, `processor_config.json` (UmbrellaLlavaProcessor with
+    its volume processor), `tokenizer_config.json` with a vocabulary file, and a chat template.
 
     Returns:
         The checkpoint's config.
