@@ -17,6 +17,7 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
+from transformers import initialization as init
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
 
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
@@ -147,9 +148,46 @@ def _continues_from_cache(kwargs: dict) -> bool:
     return False
 
 
+def init_volume_embeddings(module: UmbrellaVolumeEmbeddings, vision_config) -> None:
+    """Initialise the 3-D embedder by the rules its host tower applies to its own 2-D embedding.
+
+    SigLIP: LeCun-normal patch kernel, zero bias, positions N(0, 1/width). CLIP: patch kernel and positions
+    N(0, initializer_range * initializer_factor), class token N(0, width^-0.5 * initializer_factor). Parameters that
+    were loaded from a checkpoint are left alone (`transformers.initialization` skips them).
+    """
+    width = vision_config.hidden_size
+    if vision_config.model_type == "clip_vision_model":
+        factor = vision_config.initializer_factor
+        init.normal_(module.patch_embedding.weight, std=vision_config.initializer_range * factor)
+        init.normal_(module.position_embedding.weight, std=vision_config.initializer_range * factor)
+        init.normal_(module.class_embedding.weight, std=width**-0.5 * factor)
+    else:
+        init.lecun_normal_(module.patch_embedding.weight)
+        init.normal_(module.position_embedding.weight, std=width**-0.5)
+    init.zeros_(module.patch_embedding.bias)
+
+
 class UmbrellaLlavaPreTrainedModel(LlavaPreTrainedModel):
     config_class = UmbrellaLlavaConfig
     config: UmbrellaLlavaConfig
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers treats a model defined outside its package as custom code and then skips, while initialising
+        # missing weights, every module whose own (direct) parameters are all loaded; CLIP and SigLIP set their
+        # attention and MLP weights from those parent modules, so a missing tower layer would come back N(0, 0.02).
+        # That safety net is for `_init_weights` that write in place; ours and the towers' only use
+        # `transformers.initialization`, which leaves loaded parameters alone, so the library's own path is safe.
+        return False
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        super().initialize_weights()
+        # The tower's subtree is initialised by the tower's own `_init_weights`, which knows its 2-D embedding but
+        # not the 3-D one that replaced it.
+        for module in self.modules():
+            if isinstance(module, UmbrellaVolumeEmbeddings):
+                init_volume_embeddings(module, self.config.vision_config)
 
     def post_init(self):
         super().post_init()
