@@ -4,20 +4,16 @@ On a machine without an accelerator, `torchrun` / `accelerate launch` processes 
 `--use_cpu`; without it each process would silently train alone on the whole dataset, so
 [`check_distributed_launch`] refuses such a launch with an error rather than guessing, and [`check_process_group`]
 proves the group once the Trainer has set it up.
+
+Nothing here compares the ranks' weights after training: DistributedDataParallel (which accelerate wraps the model in)
+keeps the replicas equal by construction, and FSDP / ZeRO hold one sharded copy; see `training.run_training`.
 """
 
-import hashlib
-import json
 import os
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from transformers import Trainer, TrainingArguments
-
-DISTRIBUTED_REPORT = "distributed_check.json"
+from transformers import TrainingArguments
 
 
 def _accelerator_available() -> bool:
@@ -77,39 +73,4 @@ def check_process_group(training_args: TrainingArguments, environ: dict[str, str
     return launched
 
 
-def parameter_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of every trainable parameter's bytes, in name order: equal across ranks iff the replicas agree."""
-    digest = hashlib.sha256()
-    for name, parameter in sorted(model.named_parameters()):
-        if parameter.requires_grad:
-            digest.update(name.encode())
-            digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_replicas_in_sync(trainer: Trainer) -> dict[str, Any]:
-    """After training, check that every rank holds the same trainable weights, and record the check.
-
-    Writes `output_dir/distributed_check.json` (main process) with the world size, the backend and each rank's
-    parameter fingerprint. Skipped under DeepSpeed, whose ZeRO stages shard the parameters.
-
-    Raises:
-        RuntimeError: if the ranks' trainable parameters differ.
-    """
-    args = trainer.args
-    report: dict[str, Any] = {"world_size": args.world_size, "process_index": args.process_index}
-    if args.world_size > 1 and not trainer.is_deepspeed_enabled:
-        fingerprints: list[str | None] = [None] * args.world_size
-        dist.all_gather_object(fingerprints, parameter_fingerprint(trainer.model))
-        report.update(backend=dist.get_backend(), fingerprints=fingerprints, in_sync=len(set(fingerprints)) == 1)
-    elif args.world_size == 1:
-        report.update(fingerprints=[parameter_fingerprint(trainer.model)], in_sync=True)
-    if args.should_save:
-        os.makedirs(args.output_dir, exist_ok=True)
-        Path(args.output_dir, DISTRIBUTED_REPORT).write_text(json.dumps(report, indent=2))
-    if report.get("in_sync") is False:
-        raise RuntimeError(f"The ranks' trainable parameters differ after training: {report['fingerprints']}.")
-    return report
-
-
-__all__ = ["check_distributed_launch", "check_process_group", "check_replicas_in_sync", "parameter_fingerprint"]
+__all__ = ["check_distributed_launch", "check_process_group"]

@@ -5,7 +5,7 @@ importable from here:
 
     parse_arguments ─▶ check_distributed_launch ─▶ load_model_and_processor ─▶ configure_trainable_parameters
       ─▶ load_datasets ─▶ Trainer(data_collator=UmbrellaCollator) ─▶ check_process_group ─▶ train
-      ─▶ check_replicas_in_sync ─▶ save ─▶ evaluate_generation
+      ─▶ save (model, processor, code, card) ─▶ evaluate_generation
 
 Every input is checked before the first step: unknown flags, a checkpoint that is not an UmbrellaLlava, a data file
 that does not parse, an empty dataset, a multi-process launch whose processes would not form one group
@@ -40,8 +40,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .checkpoints import damaged_weight_files, incomplete_checkpoint_reasons
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
 from .data import ConversationDataset, UmbrellaCollator
-from .distributed import check_distributed_launch, check_process_group, check_replicas_in_sync
+from .distributed import check_distributed_launch, check_process_group
 from .evaluation import GenerationAccuracyCallback, generation_prompt
+from .hub import render_model_card
 from .processing_umbrella_llava import UmbrellaLlavaProcessor
 
 logger = logging.getLogger(__name__)
@@ -434,7 +435,8 @@ def build_trainer(
 
 
 def save_final_model(trainer: Trainer, train_mode: str) -> None:
-    """Save the trained model to `output_dir` as a complete trust_remote_code folder (model, code, processor).
+    """Save the trained model to `output_dir` as a complete trust_remote_code folder (model, code, processor) with
+    its model card (`README.md`).
 
     With LoRA, the adapters are merged into the base weights first, so the folder loads without peft; the adapter
     itself is in every `checkpoint-N` (which is what `--resume_from_checkpoint` reads).
@@ -442,25 +444,51 @@ def save_final_model(trainer: Trainer, train_mode: str) -> None:
     args = trainer.args
     if train_mode != "lora" or trainer.is_deepspeed_enabled:
         trainer.save_model()
-        return
-    merged = trainer.model.merge_and_unload()
-    trainer.model = merged
-    if args.should_save:
-        merged.save_pretrained(args.output_dir)
-        trainer.processing_class.save_pretrained(args.output_dir)
+    else:
+        trainer.model = trainer.model.merge_and_unload()
+        if args.should_save:
+            trainer.model.save_pretrained(args.output_dir)
+            trainer.processing_class.save_pretrained(args.output_dir)
+    if args.should_save and os.path.isfile(os.path.join(args.output_dir, "config.json")):
+        render_model_card(args.output_dir).save(os.path.join(args.output_dir, "README.md"))
+
+
+class GenerationEvaluationError(RuntimeError):
+    """The generation evaluation after training failed; the trained model is already saved in `output_dir`."""
 
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Trainer:
-    """Build, train (resuming if asked), check the replicas, save, and measure generation accuracy."""
+    """Build, train (resuming if asked), save, then measure generation accuracy.
+
+    Nothing trained is lost: the model, processor, code and card are saved as soon as training ends, before the
+    evaluation, which can fail on its own (out of memory in `generate`, a bad eval volume).
+
+    There is no check after training that the ranks hold the same weights: accelerate wraps the model in torch's
+    DistributedDataParallel, which broadcasts rank 0's parameters and buffers when it wraps and all-reduces the
+    gradients of every step, so the replicas take the same steps by construction; FSDP and DeepSpeed ZeRO keep one
+    sharded copy, with nothing to compare. What such a check caught in practice, processes that never formed one
+    group, `check_process_group` refuses before the first step.
+
+    Raises:
+        GenerationEvaluationError: if the generation evaluation fails (logged with its traceback, so `umbrella-train`
+            exits non-zero); the saved folder stays, and the message names it.
+    """
     checkpoint = resolve_resume_checkpoint(training_args)
     trainer, generation_callback = build_trainer(model_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=checkpoint)
-    check_replicas_in_sync(trainer)
-    if generation_callback is not None:
-        metrics = generation_callback.evaluate()
-        _log_main(training_args, f"generation accuracy: {json.dumps(metrics)}")
     save_final_model(trainer, model_args.train_mode)
-    trainer.save_state()  # after the evaluation, so that trainer_state.json holds its metrics too
+    trainer.save_state()
+    if generation_callback is not None:
+        try:
+            metrics = generation_callback.evaluate()
+        except Exception as error:
+            logger.exception("The generation evaluation after training failed.")
+            raise GenerationEvaluationError(
+                f"Training finished and the model is saved in {training_args.output_dir}, but the generation "
+                f"evaluation on --eval_data failed afterwards: {error!r}"
+            ) from error
+        _log_main(training_args, f"generation accuracy: {json.dumps(metrics)}")
+        trainer.save_state()  # again, so that trainer_state.json holds the evaluation's metrics too
     return trainer
 
 
@@ -473,6 +501,7 @@ def main(argv: list[str] | None = None) -> Trainer:
 
 __all__ = [
     "DataArguments",
+    "GenerationEvaluationError",
     "ModelArguments",
     "TRAIN_MODES",
     "build_trainer",
