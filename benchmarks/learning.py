@@ -1,0 +1,215 @@
+"""Learning speed: how many training steps until the volume path answers questions only the volumes can answer.
+
+The product is a LLaVA that learns from brain volumes, so how fast it learns is measured like speed. The setup is
+the one a new user meets with the package's defaults: a tiny SigLIP tower and Qwen2 LM (2 layers each, widths 48
+and 64), 32³ volumes in 8³ patches (64 tokens per volume), the stock `Trainer` over `ConversationDataset` +
+`UmbrellaCollator` + `UmbrellaVolumeProcessor`, batch 8, learning rate 2e-3, cosine schedule, at most 300 steps.
+The data are real MNI152 brains (`benchmarks.learning_data`).
+
+Every `EVAL_EVERY` steps the held-out records are answered with greedy `generate()` (the package's
+`evaluate_generation`); the result is the first step at which every question kind of the task reaches
+`TARGET_ACCURACY`, the median over `SEEDS`, and the held-out accuracy at the end. Each variant changes one thing
+against the defaults, so the table is an ablation.
+"""
+
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from umbrella_llava import (
+    UmbrellaLlavaConfig,
+    UmbrellaLlavaForConditionalGeneration,
+    UmbrellaLlavaProcessor,
+    UmbrellaVolumeProcessor,
+)
+from umbrella_llava.data import ConversationDataset, UmbrellaCollator
+from umbrella_llava.evaluation import evaluate_generation
+from umbrella_llava.tokenization import build_chatml_tokenizer
+
+from .learning_data import CHANCE, MAPS, QUESTIONS, TASKS, build_learning_data
+
+TARGET_ACCURACY = 0.9
+EVAL_EVERY = 25
+SEEDS = (0, 1, 2)
+GOAL_STEPS = 150
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation: what it changes against the package's defaults."""
+
+    name: str
+    description: str
+    task: str = "global"
+    processor_kwargs: dict = field(default_factory=dict)
+    config_kwargs: dict = field(default_factory=dict)
+    max_steps: int = 300
+    learning_rate: float = 2e-3
+    train_records: int = 96
+    vision_width: int = 48
+    text_width: int = 64
+    layers: int = 2
+    adjust_model: Callable[[UmbrellaLlavaForConditionalGeneration], None] | None = None
+
+
+def build_processor(volume_size: int, image_seq_length: int, **kwargs) -> UmbrellaLlavaProcessor:
+    corpus = list(QUESTIONS.values()) + [", ".join(MAPS), "left right first second"]
+    return UmbrellaLlavaProcessor(
+        image_processor=UmbrellaVolumeProcessor(volume_size=volume_size, **kwargs),
+        tokenizer=build_chatml_tokenizer(corpus * 4, vocab_size=320),
+        image_seq_length=image_seq_length,
+    )
+
+
+def build_config(variant: Variant, tokenizer, volume_size: int = 32, patch_size: int = 8) -> UmbrellaLlavaConfig:
+    """The tiny model of the benchmark: SigLIP tower + Qwen2 LM, `variant.layers` layers each."""
+    special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    return UmbrellaLlavaConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": variant.vision_width,
+            "intermediate_size": 2 * variant.vision_width,
+            "num_hidden_layers": variant.layers,
+            "num_attention_heads": 4,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "hidden_size": variant.text_width,
+            "intermediate_size": 2 * variant.text_width,
+            "num_hidden_layers": variant.layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": True,
+            **special,
+        },
+        image_token_index=tokenizer.image_token_id,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        volume_size=(volume_size,) * 3,
+        volume_patch_size=(patch_size,) * 3,
+        **special,
+        **variant.config_kwargs,
+    )
+
+
+class HeldOutAccuracy(TrainerCallback):
+    """Answers the held-out records every `every` steps; stops training once every kind reaches the target."""
+
+    def __init__(self, model, processor, dataset, every: int):
+        self.model, self.processor, self.dataset, self.every = model, processor, dataset, every
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    def accuracy(self) -> dict[str, float]:
+        report = evaluate_generation(self.model, self.processor, self.dataset, batch_size=48, max_new_tokens=4)
+        return {kind: row["correct"] / row["total"] for kind, row in report["per_task"].items()}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            accuracy = self.accuracy()
+            self.history.append((state.global_step, accuracy))
+            if min(accuracy.values()) >= TARGET_ACCURACY:
+                control.should_training_stop = True
+
+    @property
+    def steps_to_target(self) -> int | None:
+        return next((step for step, acc in self.history if min(acc.values()) >= TARGET_ACCURACY), None)
+
+
+def train_once(variant: Variant, data: tuple[Path, Path], seed: int, workdir: Path) -> dict:
+    """Train `variant` from scratch with `seed`; returns steps to the target and the last held-out accuracy."""
+    set_seed(seed)
+    grid = (32 // 8) ** 3
+    processor = build_processor(32, grid, **variant.processor_kwargs)
+    config = build_config(variant, processor.tokenizer)
+    processor.image_seq_length = config.image_seq_length
+    cache = workdir / f"cache-{variant.task}"
+    train = ConversationDataset(data[0], processor, cache_dir=cache)
+    held_out = ConversationDataset(data[1], processor, cache_dir=cache)
+    model = UmbrellaLlavaForConditionalGeneration(config)
+    if variant.adjust_model is not None:
+        variant.adjust_model(model)
+    callback = HeldOutAccuracy(model, processor, held_out, EVAL_EVERY)
+    args = TrainingArguments(
+        output_dir=str(workdir / "trainer"),
+        max_steps=variant.max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=variant.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=10,
+        weight_decay=0.0,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=UmbrellaCollator(processor),
+        processing_class=processor,
+        callbacks=[callback],
+    )
+    trainer.train()
+    last_step, last_accuracy = callback.history[-1]
+    return {"steps_to_target": callback.steps_to_target, "last_step": last_step, "accuracy": last_accuracy}
+
+
+def run_variant(variant: Variant, seeds=SEEDS, workdir: Path | None = None) -> dict:
+    """Train `variant` once per seed on its task's data (written once, seed 0); returns the per-seed results and
+    the median steps to the target (a run that never reaches it counts as `max_steps + 1`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(workdir or tmp)
+        data_dir = workdir / f"data-{variant.task}-{variant.train_records}"
+        train_path, eval_path = data_dir / "train.jsonl", data_dir / "eval.jsonl"
+        if not train_path.exists():
+            build_learning_data(
+                data_dir, variant.task, variant.train_records, eval_records=48, volumes_per_kind=16, seed=0
+            )
+        runs = [train_once(variant, (train_path, eval_path), seed, workdir) for seed in seeds]
+    never = variant.max_steps + 1
+    median = statistics.median(run["steps_to_target"] or never for run in runs)
+    return {"variant": variant.name, "runs": runs, "median_steps": None if median == never else median}
+
+
+VARIANTS = [
+    Variant("defaults", "the package's defaults"),
+]
+
+
+def bench_learning(quick: bool = False) -> list[dict]:
+    """One row per variant: median steps until every question kind reaches the target, and the last accuracy."""
+    variants = VARIANTS[:1] if quick else VARIANTS
+    seeds = SEEDS[:1] if quick else SEEDS
+    rows = []
+    for variant in variants:
+        if quick:
+            variant = Variant(variant.name, variant.description, max_steps=EVAL_EVERY, train_records=16)
+        result = run_variant(variant, seeds)
+        kinds = TASKS[variant.task]
+        accuracy = {
+            kind: statistics.median(run["accuracy"].get(kind, 0.0) for run in result["runs"]) for kind in kinds
+        }
+        steps = result["median_steps"]
+        rows.append(
+            {
+                "benchmark": "learning",
+                "case": variant.name,
+                "metric": f"steps to {TARGET_ACCURACY} on {' and '.join(kinds)} (median of {len(seeds)})",
+                "value": steps if steps is not None else f">{variant.max_steps}",
+                "goal": f"<= {GOAL_STEPS}" if variant.task == "global" else None,
+                "met": (steps is not None and steps <= GOAL_STEPS) if variant.task == "global" else None,
+                "note": "; ".join(f"{kind} {accuracy[kind]:.2f} (chance {CHANCE[kind]:.2f})" for kind in kinds)
+                + f"; {variant.description}",
+            }
+        )
+    return rows

@@ -1,0 +1,170 @@
+"""Data of the learning benchmark: real MNI152 brains (shipped inside nilearn), augmented, as NIfTI files with
+UMBRELLA records whose answers only the volumes hold.
+
+Two task families, each with two question kinds:
+
+- global (`"map"`, `"which_gm"`): which map a volume is (T1, grey matter, white matter; chance 1/3), and which of
+  two scans is the grey-matter map (first / second; chance 1/2, so the volumes must land in the right blocks in the
+  right order).
+- local (`"lesion_side"`, `"which_lesion"`): a dark lesion of 2.4-3.2 cm placed in one hemisphere of the T1; which
+  hemisphere holds it (chance 1/2), and which of two scans shows one (chance 1/2). Half the files are stored RAS,
+  half LAS, so the side must come from the affine, not from the voxel order.
+
+Augmentation, for every volume: an intensity scale of 0.6-1.4, Gaussian noise (4 % of the 99.5th percentile) and a
+random shift of up to ±5 voxels along each axis.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+MAPS = ("T1", "grey matter", "white matter")
+QUESTIONS = {
+    "map": "Which map is this: T1, grey matter or white matter?",
+    "which_gm": "Which of the two scans is the grey matter map: the first or the second?",
+    "lesion_side": "Which hemisphere holds the lesion: left or right?",
+    "which_lesion": "Which of the two scans shows a lesion: the first or the second?",
+}
+TASKS = {"global": ("map", "which_gm"), "local": ("lesion_side", "which_lesion")}
+CHANCE = {"map": 1 / 3, "which_gm": 1 / 2, "lesion_side": 1 / 2, "which_lesion": 1 / 2}
+MAX_SHIFT_VOXELS = 5
+LESION_DIAMETER_MM = (24.0, 32.0)
+
+
+@dataclass(frozen=True)
+class Volume:
+    path: str
+    kind: str  # a map name, or "lesion" / "healthy"
+    side: str | None = None  # the lesion's hemisphere
+
+
+def load_templates() -> dict[str, nib.Nifti1Image]:
+    """The MNI152 T1, grey- and white-matter templates (2 mm) that ship inside nilearn."""
+    from nilearn import datasets
+
+    return {
+        "T1": datasets.load_mni152_template(resolution=2),
+        "grey matter": datasets.load_mni152_gm_template(resolution=2),
+        "white matter": datasets.load_mni152_wm_template(resolution=2),
+    }
+
+
+def augment(data: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Intensity scale 0.6-1.4, Gaussian noise and a shift of up to ±MAX_SHIFT_VOXELS voxels per axis."""
+    peak = float(np.percentile(data, 99.5)) or 1.0
+    shift = rng.integers(-MAX_SHIFT_VOXELS, MAX_SHIFT_VOXELS + 1, size=3)
+    data = np.roll(data, tuple(int(s) for s in shift), axis=(0, 1, 2)) * rng.uniform(0.6, 1.4)
+    return (data + rng.normal(0, 0.04 * peak, size=data.shape)).astype(np.float32)
+
+
+def add_lesion(t1: nib.Nifti1Image, brain: np.ndarray, side: str, rng: np.random.Generator) -> np.ndarray:
+    """The T1 voxels with a dark sphere of 2.4-3.2 cm inside the brain of hemisphere `side` ("left" / "right")."""
+    data = np.asarray(t1.dataobj, dtype=np.float32).copy()
+    voxel_mm = nib.affines.voxel_sizes(t1.affine)
+    radius_mm = rng.uniform(*LESION_DIAMETER_MM) / 2
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), axis=-1)
+    x_mm = nib.affines.apply_affine(t1.affine, grid)[..., 0]
+    in_side = (x_mm > 8) if side == "right" else (x_mm < -8)
+    # The centre lies deep enough in that hemisphere's brain for the whole sphere to be brain.
+    inner = brain & in_side
+    for axis in range(3):
+        margin = int(np.ceil(radius_mm / voxel_mm[axis]))
+        inner &= np.roll(brain, margin, axis) & np.roll(brain, -margin, axis)
+    centre = grid[inner][rng.integers(inner.sum())]
+    distance_mm = np.sqrt((((grid - centre) * voxel_mm) ** 2).sum(-1))
+    data[distance_mm <= radius_mm] = 0.15 * float(np.percentile(data[brain], 50))
+    return data
+
+
+def _write(data: np.ndarray, affine: np.ndarray, path: Path, store_las: bool) -> None:
+    """Write `data` with `affine`, flipped to LAS voxel order on disk when `store_las` (same brain, same mm)."""
+    if store_las:
+        flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+        flip[0, 3] = data.shape[0] - 1
+        data, affine = data[::-1].copy(), affine @ flip
+    nib.Nifti1Image(data, affine).to_filename(path)
+
+
+def write_volumes(task: str, split: str, count: int, folder: Path, rng: np.random.Generator) -> list[Volume]:
+    """`count` augmented volumes per kind (maps for "global"; lesion left / right / healthy T1 for "local")."""
+    templates = load_templates()
+    folder.mkdir(parents=True, exist_ok=True)
+    volumes = []
+    if task == "global":
+        for kind, template in templates.items():
+            base = np.asarray(template.dataobj, dtype=np.float32)
+            for i in range(count):
+                path = folder / f"{split}-{kind.replace(' ', '_')}-{i:03d}.nii.gz"
+                _write(augment(base, rng), template.affine, path, store_las=bool(i % 2))
+                volumes.append(Volume(path.name, kind))
+        return volumes
+    t1 = templates["T1"]
+    brain = np.asarray(templates["grey matter"].dataobj) + np.asarray(templates["white matter"].dataobj) > 0.5
+    for kind, side in (("lesion", "left"), ("lesion", "right"), ("healthy", None)):
+        for i in range(count):
+            data = add_lesion(t1, brain, side, rng) if side else np.asarray(t1.dataobj, dtype=np.float32)
+            path = folder / f"{split}-{kind}-{side or 'none'}-{i:03d}.nii.gz"
+            _write(augment(data, rng), t1.affine, path, store_las=bool(i % 2))
+            volumes.append(Volume(path.name, kind, side))
+    return volumes
+
+
+def make_record(record_id: str, question: str, volumes: list[Volume], answer: str) -> dict:
+    """One UMBRELLA record; its `task_type` is the question kind, so accuracy is reported per kind."""
+    images = [{"type": "image", "modality": "MRI", "image_path": v.path} for v in volumes]
+    return {
+        "task_id": record_id,
+        "task_type": question,
+        "images": [{"path": v.path, "token": "<image>", "modality": "MRI"} for v in volumes],
+        "conversations": [
+            {"role": "user", "content": [*images, {"type": "text", "text": QUESTIONS[question]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+    }
+
+
+def sample_record(record_id: str, question: str, volumes: list[Volume], pick: random.Random) -> dict:
+    """A record of `question` over volumes drawn so that every answer is equally likely."""
+    by_kind: dict[str, list[Volume]] = {}
+    for volume in volumes:
+        by_kind.setdefault(volume.kind if volume.kind != "lesion" else f"lesion-{volume.side}", []).append(volume)
+    if question == "map":
+        kind = pick.choice(MAPS)
+        return make_record(record_id, question, [pick.choice(by_kind[kind])], kind)
+    if question == "lesion_side":
+        side = pick.choice(("left", "right"))
+        return make_record(record_id, question, [pick.choice(by_kind[f"lesion-{side}"])], side)
+    if question == "which_gm":
+        target, other = pick.choice(by_kind["grey matter"]), pick.choice(by_kind[pick.choice(MAPS[::2])])
+    else:
+        target = pick.choice(by_kind[f"lesion-{pick.choice(('left', 'right'))}"])
+        other = pick.choice(by_kind["healthy"])
+    answer = pick.choice(("first", "second"))
+    pair = [target, other] if answer == "first" else [other, target]
+    return make_record(record_id, question, pair, answer)
+
+
+def build_learning_data(
+    folder: Path, task: str, train_records: int, eval_records: int, volumes_per_kind: int, seed: int = 0
+) -> tuple[Path, Path]:
+    """Write the volumes and `train.jsonl` / `eval.jsonl` of `task` ("global" or "local") into `folder`.
+
+    Records alternate between the task's two question kinds; held-out records use held-out volumes.
+    """
+    rng, pick = np.random.default_rng(seed), random.Random(seed)
+    paths = {}
+    for split, count, per_kind in (
+        ("train", train_records, volumes_per_kind),
+        ("eval", eval_records, max(2, volumes_per_kind // 2)),
+    ):
+        volumes = write_volumes(task, split, per_kind, folder, rng)
+        paths[split] = folder / f"{split}.jsonl"
+        with paths[split].open("w") as f:
+            for i in range(count):
+                question = TASKS[task][i % 2]
+                f.write(json.dumps(sample_record(f"{split}-{i:04d}", question, volumes, pick)) + "\n")
+    return paths["train"], paths["eval"]
