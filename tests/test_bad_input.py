@@ -493,16 +493,16 @@ def test_push_refuses_weights_that_do_not_deserialize(tiny_checkpoint, tmp_path)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_cache_sees_an_uncompressed_file_edited_in_place_with_the_same_size_and_mtime(tmp_path):
-    scan = tmp_path / "scan.nii"
-    shutil.copy(ANATOMICAL, scan)
+def test_cache_sees_an_uncompressed_file_edited_in_place_with_the_same_size_and_mtime(tmp_path, mni_t1_path):
+    scan = tmp_path / "scan.nii"  # a real brain, uncompressed: far larger than the 64 KiB at either end
+    nib.save(nib.load(mni_t1_path), scan)
     stat = scan.stat()
     cache = VolumeCache(tmp_path / "cache")
     before = cache.get(scan, processor())
 
     content = bytearray(scan.read_bytes())
     middle = 352 + (len(content) - 352) // 2
-    content[middle - 20_000 : middle] = bytes(20_000)  # a slab of voxels zeroed, away from both 64 KiB edges
+    content[middle - 200_000 : middle] = bytes(200_000)  # a slab of voxels zeroed, away from both 64 KiB edges
     with open(scan, "r+b") as file:  # in place: same inode, same size
         file.write(bytes(content))
     os.utime(scan, ns=(stat.st_atime_ns, stat.st_mtime_ns))
