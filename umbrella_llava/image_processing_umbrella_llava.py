@@ -189,7 +189,7 @@ def _check_image(image: "nib.spatialimages.SpatialImage", name: str) -> None:
     if affine is None or not np.isfinite(affine).all():
         raise InvalidVolumeError(
             f"{name} has a non-finite affine (NaN or Inf in its qform/sform), so its orientation and voxel spacing "
-            f"are unknown:\n{affine}\nFix the header's sform/qform.",
+            f"are unknown: {None if affine is None else affine.tolist()}. Fix the header's sform/qform.",
             "bad affine",
         )
 
@@ -334,10 +334,10 @@ def blank_reason(volume: torch.Tensor) -> str | None:
     `None` when each channel has at least two distinct finite values."""
     for channel, voxels in enumerate(volume):
         which = f"channel {channel} of it" if len(volume) > 1 else "it"
-        finite = voxels[torch.isfinite(voxels)]
-        if finite.numel() == 0:
+        finite = torch.isfinite(voxels)
+        if not finite.any():
             return f"every voxel of {which} is NaN or ±Inf"
-        low, high = finite.aminmax()
+        low, high = (voxels if finite.all() else voxels[finite]).aminmax()  # a copy only when some are not finite
         if low == high:
             return f"every finite voxel of {which} is {float(low):g} (a constant image)"
     return None
