@@ -307,7 +307,7 @@ def test_a_bad_volume_met_while_loading_an_item_names_the_record_and_the_file(ti
     path = write_jsonl(data_dir / "records.jsonl", [record("good"), record("broken-1", "broken.nii")])
     dataset = ConversationDataset(path, tiny_processor)  # volumes are decoded lazily
     with pytest.raises(InvalidRecordError, match="non-finite affine") as error:
-        dataset[1]
+        dataset[1]["pixel_values"]
     assert f"record 'broken-1' (line 2 of {path})" in str(error.value)
     assert str(data_dir / "broken.nii") in str(error.value)
 
