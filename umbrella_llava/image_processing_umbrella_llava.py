@@ -142,8 +142,8 @@ def _check_readable_file(path: str) -> None:
             pass
     except PermissionError:
         raise PermissionError(
-            f"Volume file {path} exists but this user (uid {os.getuid()}) may not read it; make it readable "
-            "(chmod a+r) or run as a user who can."
+            f"Volume file {path} exists but this user may not read it; make it readable (chmod a+r) or run as a "
+            "user who can."
         ) from None
 
 
