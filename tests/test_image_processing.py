@@ -113,7 +113,7 @@ def test_same_brain_at_1mm_and_2mm_matches_after_resampling_to_one_spacing(mni_t
 
 def test_voxel_spacing_keeps_millimetres_and_pads_with_the_background():
     path = os.path.join(NIBABEL_DATA, "anatomical.nii")  # (33, 41, 25) voxels of 2 mm
-    processor = UmbrellaVolumeProcessor(volume_size=(80, 96, 64), voxel_spacing=1.0)
+    processor = UmbrellaVolumeProcessor(volume_size=(80, 96, 64), voxel_spacing=1.0, normalization="minmax")
 
     volume = processor.preprocess_volume(path)[0]
 
@@ -131,7 +131,7 @@ def test_voxel_spacing_keeps_millimetres_and_pads_with_the_background():
 
 
 def test_nan_inf_and_hot_voxels_do_not_change_the_brain(mni, tmp_path):
-    processor = UmbrellaVolumeProcessor(volume_size=SMALL)
+    processor = UmbrellaVolumeProcessor(volume_size=SMALL, normalization="minmax")
     data = mni.get_fdata(dtype=np.float32)
     clean = processor.preprocess_volume(write(tmp_path, "clean.nii.gz", data, mni.affine))
     corrupted = data.copy()
@@ -272,7 +272,7 @@ def test_single_volume_and_flat_list_are_one_sample(mni_t1_path):
 
 
 def test_multi_channel_volumes():
-    processor = UmbrellaVolumeProcessor(volume_size=(8, 8, 8), volume_channels=2)
+    processor = UmbrellaVolumeProcessor(volume_size=(8, 8, 8), volume_channels=2, normalization="minmax")
     volume = torch.stack([torch.rand(12, 12, 12), torch.rand(12, 12, 12) * 1000])
     out = processor([[volume]])["pixel_values"]
     assert out.shape == (1, 1, 2, 8, 8, 8)

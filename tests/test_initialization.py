@@ -1,5 +1,6 @@
 """Weights missing from a checkpoint come back by their module's own rules (mirrors transformers'
-`test_can_init_all_missing_weights`): the tower's by CLIP's or SigLIP's, the 3-D embedder's by its host tower's."""
+`test_can_init_all_missing_weights`): the tower's by CLIP's or SigLIP's, the 3-D embedder's by its host tower's, the
+projector's at unit gain."""
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ DROPPED = {
         "encoder.layers.1.mlp.fc2.bias",  # SiglipMLP: N(0, 1e-6)
     ],
 }
+PROJECTOR_WEIGHT = "model.multi_modal_projector.linear_1.weight"
 EMBEDDER = ["embeddings.patch_embedding.weight", "embeddings.position_embedding.weight"]
 
 
@@ -45,6 +47,7 @@ def test_can_init_all_missing_weights(tmp_path, tokenizer, vision):
     dropped = DROPPED[vision] + EMBEDDER + (["embeddings.class_embedding.weight"] if vision == "clip" else [])
     for name in dropped:
         del state[TOWER + name]
+    del state[PROJECTOR_WEIGHT]
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
 
     torch.manual_seed(1)
@@ -58,6 +61,8 @@ def test_can_init_all_missing_weights(tmp_path, tokenizer, vision):
         )
         std = loaded[TOWER + name].detach().std()
         assert 0.8 < float(std / expected) < 1.25, (name, float(std), float(expected))
+    projector = loaded[PROJECTOR_WEIGHT].detach()
+    assert 0.8 < float(projector.std() * projector.shape[1] ** 0.5) < 1.25  # LeCun normal: std = fan_in^-0.5
     for name, tensor in state.items():  # and nothing that was loaded is touched
         torch.testing.assert_close(
             loaded[name] if name in loaded else model.state_dict()[name], tensor, rtol=0, atol=0

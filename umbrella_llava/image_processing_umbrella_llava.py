@@ -46,6 +46,10 @@ except ImportError:  # nibabel is optional: only NIfTI paths and images need it
     nib = None
 
 NORMALIZATIONS = ("minmax", "zscore", "none")
+# Centred inputs: a vision path trained from scratch learns from z-scored volumes in far fewer steps than from [0, 1]
+# ones, whose common offset it must first learn around (BENCHMARKS.md, "Learning speed"). Converted checkpoints
+# write "minmax" into their processor: the base's pixel normalisation is folded into their kernel for [0, 1] inputs.
+DEFAULT_NORMALIZATION = "zscore"
 
 # torch.quantile refuses more elements than this; percentiles of a larger volume are taken on an even subsample.
 _MAX_QUANTILE_ELEMENTS = 2**24
@@ -521,9 +525,9 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
             If set, volumes are resampled to this spacing in mm (from the affine of a file) and centre-cropped or
             padded (with each channel's minimum) to `volume_size`, so one voxel is always the same size in mm. If
             `None`, the whole field of view is resized to `volume_size`, whatever its size in mm.
-        normalization (`str`, defaults to `"minmax"`):
-            `"minmax"` (to [0, 1]), `"zscore"` (over the foreground) or `"none"`, after clipping; see
-            `normalize_intensity`.
+        normalization (`str`, defaults to `"zscore"`):
+            `"zscore"` (zero mean, unit variance over the foreground), `"minmax"` (to [0, 1]) or `"none"`, after
+            clipping; see `normalize_intensity`.
         clip_percentiles (`tuple[float, float]`, *optional*, defaults to `(0.5, 99.5)`):
             Per-channel percentiles to clip to before normalising; `None` clips nothing (min-max then uses the
             extremes).
@@ -552,7 +556,7 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
         volume_size: int | Sequence[int] = (96, 96, 96),
         volume_channels: int = 1,
         voxel_spacing: float | Sequence[float] | None = None,
-        normalization: str = "minmax",
+        normalization: str = DEFAULT_NORMALIZATION,
         clip_percentiles: Sequence[float] | None = (0.5, 99.5),
         allow_blank_volumes: bool = False,
         **kwargs,

@@ -180,6 +180,17 @@ class UmbrellaLlavaPreTrainedModel(LlavaPreTrainedModel):
         # `transformers.initialization`, which leaves loaded parameters alone, so the library's own path is safe.
         return False
 
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LlavaMultiModalProjector):
+            # Unit gain (LeCun normal) instead of LLaVA's N(0, 0.02): two such layers shrink the volume features, and
+            # the gradient that flows back into the vision path, about 50-fold, so a vision path trained from scratch
+            # barely moves for its first hundreds of steps (BENCHMARKS.md, "Learning speed"). A converted or trained
+            # checkpoint loads its projector, which this leaves alone.
+            for linear in (module.linear_1, module.linear_2):
+                init.normal_(linear.weight, std=linear.in_features**-0.5)
+                init.zeros_(linear.bias)
+
     @torch.no_grad()
     def initialize_weights(self):
         super().initialize_weights()

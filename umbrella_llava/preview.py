@@ -15,7 +15,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .image_processing_umbrella_llava import UmbrellaVolumeProcessor
+from .image_processing_umbrella_llava import DEFAULT_NORMALIZATION, NORMALIZATIONS, UmbrellaVolumeProcessor
 
 # Each plane of a RAS+ volume (H: L→R, W: P→A, D: I→S): the axis it cuts, and the directions at the
 # (left, right, bottom, top) edges of the panel, drawn with the first remaining axis horizontal and `origin="lower"`.
@@ -105,7 +105,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", "-o", help="the PNG to write (default: <volume name>_preview.png here)")
     parser.add_argument("--volume_size", type=int, nargs=3, default=[96, 96, 96], metavar=("H", "W", "D"))
     parser.add_argument("--voxel_spacing", type=float, nargs=3, default=None, metavar=("H", "W", "D"), help="mm")
-    parser.add_argument("--normalization", choices=["minmax", "zscore", "none"], default="minmax")
+    parser.add_argument("--normalization", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZATION)
     parser.add_argument("--title", default=None)
     return parser.parse_args(argv)
 
