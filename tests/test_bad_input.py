@@ -574,3 +574,77 @@ def test_a_model_card_template_cannot_run_code(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=f"Model card template {template} does what a template may not"):
         render_model_card(tiny_checkpoint, "me/model", template=template)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model inputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_batch(tiny_model):
+    """Sample 0 holds one volume in 2 slots, sample 1 two; every block of 8 image tokens is contiguous."""
+    from test_modeling import make_batch
+
+    return make_batch(tiny_model.config, [1, 2], slots=2)
+
+
+def test_a_one_dimensional_image_mask_is_refused_saying_the_shape_to_use(tiny_model, model_batch):
+    with pytest.raises(ValueError, match=r"image_mask must be \(B, N\).*got shape \(2,\); for a single sample"):
+        tiny_model(**{**model_batch, "image_mask": model_batch["image_mask"][1], "num_images_per_sample": None})
+
+
+def test_fractional_volume_counts_are_refused_naming_the_sample(tiny_model, model_batch):
+    del model_batch["image_mask"]
+    with pytest.raises(ValueError, match=r"whole numbers of volumes; sample 1 has 1\.5\b"):
+        tiny_model(**{**model_batch, "num_images_per_sample": torch.tensor([1.0, 1.5])})
+    # Whole numbers given as floats are counts all the same.
+    with torch.no_grad():
+        as_floats = tiny_model(**{**model_batch, "num_images_per_sample": torch.tensor([1.0, 2.0])}).logits
+        torch.testing.assert_close(as_floats, tiny_model(**model_batch).logits)
+
+
+def test_an_image_token_block_split_by_text_is_refused_naming_the_sample(tiny_model, model_batch):
+    input_ids = model_batch["input_ids"].clone()
+    row = input_ids[1]
+    first = int((row == tiny_model.config.image_token_id).nonzero()[0])
+    # Move the text token after sample 1's two blocks into its second block: the counts still agree.
+    end = first + 16
+    input_ids[1] = torch.cat([row[: first + 12], row[end : end + 1], row[first + 12 : end], row[end + 1 :]])
+    assert int((input_ids[1] == tiny_model.config.image_token_id).sum()) == 16
+    with pytest.raises(
+        ValueError, match=r"split by text \(sample 1: token 4 of volume 1's block follows text \(position \d+\)\)"
+    ):
+        tiny_model(**{**model_batch, "input_ids": input_ids})
+
+
+def test_non_finite_voxels_are_refused_naming_sample_and_slot_in_every_input_form(tiny_model, model_batch):
+    pixel_values = model_batch["pixel_values"].clone()
+    pixel_values[1, 1, 0, 3, 4, 5] = float("nan")
+    pixel_values[0, 0, 0, 0, 0, 0] = float("inf")
+    message = r"NaN or Inf voxels in sample 0 slot 0, sample 1 slot 1\. Check those volumes' files"
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**{**model_batch, "pixel_values": pixel_values})
+    flattened = {"input_ids": model_batch["input_ids"], "pixel_values": pixel_values[model_batch["image_mask"]]}
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**flattened)  # counts from the text
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**flattened, num_images_per_sample=model_batch["num_images_per_sample"])
+
+
+def test_an_empty_batch_is_refused_before_the_language_model(tiny_model, model_batch):
+    with pytest.raises(ValueError, match=r"The batch is empty: input_ids has shape \(0, \d+\), 0 samples"):
+        tiny_model(input_ids=model_batch["input_ids"][:0])
+
+
+def test_the_collator_refuses_an_empty_list_of_items(tiny_processor):
+    from umbrella_llava.data import UmbrellaCollator
+
+    with pytest.raises(ValueError, match="UmbrellaCollator got an empty list of items"):
+        UmbrellaCollator(tiny_processor)([])
+
+
+def test_pixel_values_as_a_list_are_refused_saying_how_to_batch_them(tiny_model, model_batch):
+    volumes = list(model_batch["pixel_values"])
+    with pytest.raises(TypeError, match=r"pixel_values must be one tensor.*got a list of 2 items: batch the volumes"):
+        tiny_model(**{**model_batch, "pixel_values": volumes})

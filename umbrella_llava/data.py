@@ -726,6 +726,11 @@ class UmbrellaCollator:
             raise ValueError(f"`padding_side` must be 'left' or 'right', got {self.padding_side!r}.")
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if len(features) == 0:
+            raise ValueError(
+                "UmbrellaCollator got an empty list of items, so there is no sample to batch: the data set or the "
+                "sampler gave nothing (check the data with umbrella-check-data, and that no filter removed every record)."
+            )
         length = max(len(feature["input_ids"]) for feature in features)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of

@@ -94,10 +94,34 @@ def flatten_volumes(
         given with neither `image_mask` nor `num_images_per_sample`; the caller then derives them from the text.
 
     Raises:
-        ValueError: if `image_mask` and `num_images_per_sample` disagree, or either disagrees with `pixel_values`.
+        TypeError: if `pixel_values` is not one tensor.
+        ValueError: if `image_mask` and `num_images_per_sample` disagree, either disagrees with `pixel_values`,
+            `image_mask` is not `(B, N)`, or a count is not a whole number (each naming the sample).
     """
-    counts = None if num_images_per_sample is None else torch.as_tensor(num_images_per_sample).to(torch.long)
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(
+            f"pixel_values must be one tensor (B, N, C, H, W, D) or (M, C, H, W, D), got a {type(pixel_values).__name__}"
+            f"{f' of {len(pixel_values)} items' if isinstance(pixel_values, (list, tuple)) else ''}: batch the "
+            "volumes with the processor or UmbrellaCollator, or with image_processing_umbrella_llava.stack_volumes."
+        )
+    counts = None
+    if num_images_per_sample is not None:
+        counts = torch.as_tensor(num_images_per_sample)
+        if counts.is_floating_point():
+            fractional = (counts != counts.round()).nonzero().flatten().tolist()
+            if fractional:
+                raise ValueError(
+                    "num_images_per_sample must hold whole numbers of volumes; "
+                    + ", ".join(f"sample {i} has {counts[i].item()}" for i in fractional)
+                    + ". Pass integer counts (the collator and the processor give int64)."
+                )
+        counts = counts.to(torch.long)
     if image_mask is not None:
+        if image_mask.dim() != 2:
+            raise ValueError(
+                f"image_mask must be (B, N), one row of slots per sample, got shape {tuple(image_mask.shape)}; for a "
+                "single sample use image_mask[None]."
+            )
         image_mask = image_mask.to(device=pixel_values.device, dtype=torch.bool)
         mask_counts = image_mask.sum(dim=1).cpu()
         if counts is not None and not torch.equal(counts.cpu(), mask_counts):
@@ -137,6 +161,67 @@ def flatten_volumes(
             f"per sample ({int(counts.sum())} in total)."
         )
     return pixel_values, None if counts is None else counts.cpu()
+
+
+def check_image_token_blocks(special_image_mask: torch.Tensor, image_seq_length: int) -> None:
+    """Check that every volume's image-token block is contiguous.
+
+    The `k`-th image token of a sample belongs to block `k // image_seq_length`; unless it opens its block, the token
+    just before it must be an image token too. So each run of image tokens is a whole number of blocks (the blocks of
+    adjacent placeholders touch), and no block is split by text. Counts are checked before this.
+
+    Args:
+        special_image_mask: `(B, L)` bool, True at image tokens.
+
+    Raises:
+        ValueError: naming each sample with a split block, and where the split is.
+    """
+    rank_in_sample = special_image_mask.cumsum(dim=1) - 1
+    after_image_token = nn.functional.pad(special_image_mask[:, :-1], (1, 0), value=False)
+    split = special_image_mask & ~after_image_token & (rank_in_sample % image_seq_length != 0)
+    if not bool(split.any()):
+        return
+    details = "; ".join(
+        f"sample {b}: token {int(rank_in_sample[b, p]) % image_seq_length} of volume "
+        f"{int(rank_in_sample[b, p]) // image_seq_length}'s block follows text (position {p})"
+        for b, p in (split.nonzero()[:, :2].tolist())
+    )
+    raise ValueError(
+        f"Image-token blocks are split by text ({details}). Each volume's {image_seq_length} image tokens must be "
+        "contiguous: put one image placeholder per volume in the text and let the processor expand it."
+    )
+
+
+def check_volumes_are_finite(
+    volumes: torch.Tensor, num_images_per_sample: torch.Tensor, image_mask: torch.Tensor | None = None
+) -> None:
+    """Refuse NaN or Inf voxels in the valid volumes, which would make the loss NaN without naming a sample.
+
+    Args:
+        volumes: `(M, C, H, W, D)` valid volumes in (sample, slot) order, as [`flatten_volumes`] returns them.
+        num_images_per_sample: `(B,)` volumes per sample.
+        image_mask: `(B, N)` slots of 6-D `pixel_values`, to name the slot; without it, the slot is the volume's rank
+            among its sample's volumes.
+
+    Raises:
+        ValueError: naming the sample and slot of every volume that holds a NaN or Inf.
+    """
+    finite = torch.isfinite(volumes).flatten(1).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten().cpu()
+    if image_mask is not None:
+        where = image_mask.nonzero().cpu()[bad].tolist()
+    else:
+        counts = torch.as_tensor(num_images_per_sample).cpu()
+        sample = torch.repeat_interleave(torch.arange(len(counts)), counts)[bad]
+        slot = bad - (torch.cumsum(counts, 0) - counts)[sample]
+        where = torch.stack([sample, slot], dim=1).tolist()
+    listed = ", ".join(f"sample {b} slot {n}" for b, n in where)
+    raise ValueError(
+        f"pixel_values holds NaN or Inf voxels in {listed}. Check those volumes' files (the volume processor refuses "
+        "non-finite and blank volumes unless allowed) or the transform that produced them."
+    )
 
 
 def _continues_from_cache(kwargs: dict) -> bool:
@@ -288,6 +373,7 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
                 for i in mismatched
             )
             raise ValueError(f"Image tokens and volumes do not match per sample ({details}).")
+        check_image_token_blocks(special_image_mask, seq_length)
         return special_image_mask.unsqueeze(-1)
 
     def embed_volumes_into_text(
@@ -324,6 +410,9 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
             return inputs_embeds
 
         placeholder_mask = self.get_volume_placeholder_mask(input_ids, inputs_embeds, counts, volumes.shape[0])
+        if counts is None:  # flattened volumes owned by the text's blocks, which the check above matched
+            counts = placeholder_mask.sum(dim=(1, 2)).cpu() // self.config.image_seq_length
+        check_volumes_are_finite(volumes, counts, image_mask if pixel_values.dim() == 6 else None)
         features = self.get_volume_features(volumes).to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(placeholder_mask.to(inputs_embeds.device), features)
 
@@ -354,6 +443,12 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        name, text = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+        if text.shape[0] == 0:
+            raise ValueError(
+                f"The batch is empty: {name} has shape {tuple(text.shape)}, 0 samples. Pass at least one sample (an "
+                "empty batch usually means an empty data set, or a filter that removed every record)."
+            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         inputs_embeds = self.embed_volumes_into_text(
