@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Teach a small UmbrellaLlava to answer questions about real brain volumes, on a CPU, in about five minutes.
+"""Teach a small UmbrellaLlava to answer questions about real brain volumes, on a CPU, in about a minute.
 
-    python scripts/demo.py [--output_dir outputs/demo] [--max_steps 1000]      # or: umbrella-demo ...
+    python scripts/demo.py [--output_dir outputs/demo] [--max_steps 300]      # or: umbrella-demo ...
 
 The same program as the `umbrella-demo` command; see `umbrella_llava/demo.py`. Needs nilearn (`pip install -e ".[demo]"`).
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Teach a small UmbrellaLlava to answer questions about real brain volumes, on a CPU, in about five minutes.
+"""Teach a small UmbrellaLlava to answer questions about real brain volumes, on a CPU, in about a minute.
 
-    python scripts/demo.py [--output_dir outputs/demo] [--max_steps 1000]
+    python scripts/demo.py [--output_dir outputs/demo] [--max_steps 300]
 
 1. Builds an instruction dataset from real brains shipped inside nilearn (the MNI152 T1, grey-matter and
    white-matter templates), augmented with left/right shifts, intensity changes and noise, written as NIfTI files
@@ -61,7 +61,7 @@ SHIFT_MM = 20.0  # how far a brain is moved left or right, before a random jitte
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--max_steps", type=int, default=1000, help="training steps (batches of --batch_size)")
+    parser.add_argument("--max_steps", type=int, default=300, help="training steps (batches of --batch_size)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--train_records", type=int, default=2000)

@@ -26,6 +26,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from .checkpoints import damaged_weight_files
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
+from .image_processing_umbrella_llava import DEFAULT_NORMALIZATION
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def render_model_card(
         "text_layers": config.text_config.num_hidden_layers,
         "text_hidden_size": config.text_config.hidden_size,
         "voxel_spacing": _triple(volume_processor["voxel_spacing"]) if volume_processor.get("voxel_spacing") else None,
-        "normalization": volume_processor.get("normalization", "minmax"),
+        "normalization": volume_processor.get("normalization", DEFAULT_NORMALIZATION),
         "clip_percentiles": "–".join(map(str, volume_processor["clip_percentiles"]))
         if volume_processor.get("clip_percentiles")
         else None,
