@@ -95,3 +95,15 @@ def test_gpu_script_tiny(tmp_path, capsys):
             assert math.isfinite(row[key]) and row[key] > 0, (row["case"], key)
     assert [row["volumes_per_sample"] for row in report["memory"]] == [1, 2, 4, 8, 1, 2, 4, 8]
     assert "| native |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_learning_benchmark_reports_steps_and_held_out_accuracy_per_question_kind():
+    pytest.importorskip("nilearn")
+    from benchmarks.learning import bench_learning
+
+    (row,) = bench_learning(quick=True)
+    assert row["benchmark"] == "learning" and row["case"] == "defaults"
+    assert row["value"] == ">25" or 0 < row["value"] <= 25, row
+    for kind in ("map", "which_gm"):
+        assert f"{kind} " in row["note"] and "chance" in row["note"], row
