@@ -12,12 +12,15 @@ Every `EVAL_EVERY` steps the held-out records are answered with greedy `generate
 against the defaults, so the table is an ablation.
 """
 
+import dataclasses
 import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from umbrella_llava import (
@@ -50,6 +53,7 @@ class Variant:
     max_steps: int = 300
     learning_rate: float = 2e-3
     train_records: int = 96
+    volumes_per_kind: int = 16
     vision_width: int = 48
     text_width: int = 64
     layers: int = 2
@@ -128,7 +132,7 @@ def train_once(variant: Variant, data: tuple[Path, Path], seed: int, workdir: Pa
     processor = build_processor(32, grid, **variant.processor_kwargs)
     config = build_config(variant, processor.tokenizer)
     processor.image_seq_length = config.image_seq_length
-    cache = workdir / f"cache-{variant.task}"
+    cache = workdir / "cache"  # keyed by file and preprocessing options
     train = ConversationDataset(data[0], processor, cache_dir=cache)
     held_out = ConversationDataset(data[1], processor, cache_dir=cache)
     model = UmbrellaLlavaForConditionalGeneration(config)
@@ -169,21 +173,89 @@ def run_variant(variant: Variant, seeds=SEEDS, workdir: Path | None = None) -> d
     the median steps to the target (a run that never reaches it counts as `max_steps + 1`)."""
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(workdir or tmp)
-        data_dir = workdir / f"data-{variant.task}-{variant.train_records}"
+        data_dir = workdir / f"data-{variant.task}-{variant.train_records}-{variant.volumes_per_kind}"
         train_path, eval_path = data_dir / "train.jsonl", data_dir / "eval.jsonl"
         if not train_path.exists():
-            build_learning_data(
-                data_dir, variant.task, variant.train_records, eval_records=48, volumes_per_kind=16, seed=0
-            )
+            build_learning_data(data_dir, variant.task, variant.train_records, 48, variant.volumes_per_kind, seed=0)
         runs = [train_once(variant, (train_path, eval_path), seed, workdir) for seed in seeds]
     never = variant.max_steps + 1
     median = statistics.median(run["steps_to_target"] or never for run in runs)
     return {"variant": variant.name, "runs": runs, "median_steps": None if median == never else median}
 
 
+class PatchNorm(nn.Module):
+    """A LayerNorm over each flattened patch before the patch `Linear` (vit-pytorch's `simple_vit_3d`)."""
+
+    def __init__(self, layout: nn.Module, patch_voxels: int, elementwise_affine: bool):
+        super().__init__()
+        self.layout, self.norm = layout, nn.LayerNorm(patch_voxels, elementwise_affine=elementwise_affine)
+
+    def forward(self, volumes):
+        return self.norm(self.layout(volumes))
+
+
+class LinearThenNorm(nn.Linear):
+    """The patch `Linear` followed by a LayerNorm over the tokens (`simple_vit_3d`'s second norm)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features)
+        self.load_state_dict(linear.state_dict())
+        self.norm = nn.LayerNorm(linear.out_features)
+
+    def forward(self, patches):
+        return self.norm(super().forward(patches))
+
+
+def add_patch_norm(model, elementwise_affine: bool = True) -> None:
+    embeddings = model.model.vision_tower.embeddings
+    in_features = embeddings.patch_embedding.in_features
+    embeddings.patch_layout = PatchNorm(embeddings.patch_layout, in_features, elementwise_affine)
+
+
+def add_token_norm(model) -> None:
+    embeddings = model.model.vision_tower.embeddings
+    embeddings.patch_embedding = LinearThenNorm(embeddings.patch_embedding)
+
+
+def llava_projector_init(model) -> None:
+    """LLaVA's own N(0, 0.02) projector, the package's init before issue 8."""
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():
+        for linear in (projector.linear_1, projector.linear_2):
+            linear.weight.normal_(std=0.02)
+            linear.bias.zero_()
+
+
+def chain(*steps: Callable) -> Callable:
+    def adjust(model) -> None:
+        for step in steps:
+            step(model)
+
+    return adjust
+
+
+MINMAX = {"normalization": "minmax"}
 VARIANTS = [
-    Variant("defaults", "the package's defaults"),
-]
+    Variant("defaults", "z-scored volumes, unit-gain projector"),
+    Variant("min-max input", "volumes in [0, 1]", processor_kwargs=MINMAX),
+    Variant("LLaVA projector init", "projector N(0, 0.02)", adjust_model=llava_projector_init),
+    Variant(
+        "before issue 8", "[0, 1] volumes, projector N(0, 0.02)", processor_kwargs=MINMAX,
+        adjust_model=llava_projector_init,
+    ),
+    Variant(
+        "before + patch LN", "before issue 8 + parameter-free LayerNorm over each patch", processor_kwargs=MINMAX,
+        adjust_model=chain(llava_projector_init, lambda model: add_patch_norm(model, elementwise_affine=False)),
+    ),
+    Variant("+ token LN", "defaults + LayerNorm after the patch Linear", adjust_model=add_token_norm),
+    Variant(
+        "+ patch and token LN", "defaults + simple_vit_3d's two LayerNorms",
+        adjust_model=chain(add_patch_norm, add_token_norm),
+    ),
+    Variant(
+        "lesion (local)", "defaults; 160 records, 600 steps", task="local", train_records=160, max_steps=600
+    ),
+]  # fmt: skip
 
 
 def bench_learning(quick: bool = False) -> list[dict]:
@@ -191,10 +263,11 @@ def bench_learning(quick: bool = False) -> list[dict]:
     variants = VARIANTS[:1] if quick else VARIANTS
     seeds = SEEDS[:1] if quick else SEEDS
     rows = []
+    workdir = tempfile.TemporaryDirectory()  # the data and volume cache, shared by the variants of a task
     for variant in variants:
         if quick:
-            variant = Variant(variant.name, variant.description, max_steps=EVAL_EVERY, train_records=16)
-        result = run_variant(variant, seeds)
+            variant = dataclasses.replace(variant, max_steps=EVAL_EVERY, train_records=16, volumes_per_kind=2)
+        result = run_variant(variant, seeds, Path(workdir.name))
         kinds = TASKS[variant.task]
         accuracy = {
             kind: statistics.median(run["accuracy"].get(kind, 0.0) for run in result["runs"]) for kind in kinds
@@ -212,4 +285,5 @@ def bench_learning(quick: bool = False) -> list[dict]:
                 + f"; {variant.description}",
             }
         )
+    workdir.cleanup()
     return rows
