@@ -204,7 +204,9 @@ def test_a_failing_generation_evaluation_leaves_the_trained_model_saved(run_inpu
         run_inputs, output_dir, "--train_mode", "embedder", "--max_steps", "1", "--save_strategy", "no",
         eval_data=True,
     )  # fmt: skip
-    with pytest.raises(GenerationEvaluationError, match=rf"the model is saved in {re.escape(str(output_dir))}, .*CUDA out of memory"):
+    with pytest.raises(
+        GenerationEvaluationError, match=rf"the model is saved in {re.escape(str(output_dir))}, .*CUDA out of memory"
+    ):
         main(args)
 
     saved = UmbrellaLlavaForConditionalGeneration.from_pretrained(output_dir).state_dict()
@@ -278,6 +280,34 @@ def test_lora_target_modules_must_be_language_model_linear_layers(run_inputs, tm
     args = train_args(run_inputs, tmp_path, "--train_mode", "lora", "--lora_target_modules", "q_proj", "fc1")
     with pytest.raises(ValueError, match=r"\['fc1'\] are not linear layers of the language model"):
         build_trainer(*parse_arguments(args))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Length-grouped sampling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_length_grouped_sampling_takes_the_token_lengths_without_decoding_a_volume(run_inputs, tmp_path, monkeypatch):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from umbrella_llava import data
+
+    args = train_args(run_inputs, tmp_path, "--train_sampling_strategy", "group_by_length", "--max_steps", "1")
+    trainer, _ = build_trainer(*parse_arguments(args))
+    dataset = trainer.train_dataset
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoded a volume or tokenized a record again")
+
+    monkeypatch.setattr(type(dataset), "load_volume", refuse)
+    monkeypatch.setattr(data, "tokenize_conversation", refuse)
+    sampler = trainer.get_train_dataloader().batch_sampler.sampler
+    assert isinstance(sampler, LengthGroupedSampler)
+    assert sampler.lengths == dataset.lengths and len(set(dataset.lengths)) > 1
+    assert torch.equal(dataset[3]["input_ids"], dataset.encodings[3][0])  # __getitem__ does not tokenize again
+
+    monkeypatch.undo()  # the items' volumes are decoded when the collator reads them
+    assert dataset[0]["pixel_values"].shape == (1, 1, 16, 16, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import os
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -449,14 +449,20 @@ def text_special_tokens(processor: UmbrellaLlavaProcessor) -> list[str]:
 
 @dataclass
 class RecordScan:
-    """What reading a data set found: the valid records and their token lengths, the invalid records, lines and
-    files as `(where, error)` in reading order, and the records identical to an earlier one as `(where, earlier)`."""
+    """What reading a data set found: the valid records and their tokens `(input_ids (L,), labels (L,))`, the invalid
+    records, lines and files as `(where, error)` in reading order, and the records identical to an earlier one as
+    `(where, earlier)`."""
 
     records: list[ConversationRecord]
-    lengths: list[int]
+    encodings: list[tuple[torch.Tensor, torch.Tensor]]
     problems: list[tuple[str, Exception]]
     duplicates: list[tuple[str, str]]
     num_read: int
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token length of each valid record."""
+        return [len(input_ids) for input_ids, _ in self.encodings]
 
     def describe_problems(self, path: str | Path, limit: int = 50) -> str:
         """One message listing the problems (the first `limit`), one line each."""
@@ -492,7 +498,7 @@ def scan_records(
     """
     special_tokens = text_special_tokens(processor)
     undecodable: list[InvalidRecordError] = []
-    scan = RecordScan(records=[], lengths=[], problems=[], duplicates=[], num_read=0)
+    scan = RecordScan(records=[], encodings=[], problems=[], duplicates=[], num_read=0)
     first_seen: dict[str, str] = {}
     for source, index, raw in read_raw_records(path, errors=None if stop_at_first else undecodable):
         scan.num_read += 1
@@ -501,14 +507,14 @@ def scan_records(
             record = parse_record(
                 raw, source, index, processor.image_token, image_root, special_tokens, allow_outside_image_root
             )
-            input_ids, _ = encode_record(processor, record, max_length)
+            encoding = encode_record(processor, record, max_length)
         except (InvalidRecordError, FileNotFoundError) as error:
             if stop_at_first:
                 raise
             scan.problems.append((where, error))
             continue
         scan.records.append(record)
-        scan.lengths.append(len(input_ids))
+        scan.encodings.append(encoding)
         key = json.dumps(raw, sort_keys=True)
         if key in first_seen:
             scan.duplicates.append((where, first_seen[key]))
@@ -530,15 +536,15 @@ def _check_volumes(scan: RecordScan, load_volume: Callable[[Path], torch.Tensor]
             load_volume(path)
         except (InvalidVolumeError, OSError) as error:
             failures[path] = error
-    kept = [(record, length) for record, length in zip(scan.records, scan.lengths)]
-    scan.records, scan.lengths = [], []
-    for record, length in kept:
+    kept = list(zip(scan.records, scan.encodings))
+    scan.records, scan.encodings = [], []
+    for record, encoding in kept:
         bad = [path for path in record.volume_paths if path in failures]
         if bad:
             scan.problems.append((record.where, _volume_error(record, failures[bad[0]])))
         else:
             scan.records.append(record)
-            scan.lengths.append(length)
+            scan.encodings.append(encoding)
 
 
 class ConversationDataset(Dataset):
@@ -564,9 +570,11 @@ class ConversationDataset(Dataset):
         check_volumes: decode every volume once now (with a progress bar, and into the cache), so that a bad file
             is an invalid record before training instead of an error hours in.
 
-    `dataset[i]` is `{"input_ids": (L,), "labels": (L,), "pixel_values": (n_i, C, H, W, D)}`, named as the model's
-    forward parameters so the Trainer keeps them; `dataset.records[i]` holds the record (`task_type`, `record_id`,
-    `metadata`, ...) and `dataset.task_types[i]` its task type (`None` for LLaVA records without a `task_type`).
+    `dataset[i]` is a mapping `{"input_ids": (L,), "labels": (L,), "pixel_values": (n_i, C, H, W, D)}`, named as the
+    model's forward parameters so the Trainer keeps them; its tokens were made at construction, its volumes are
+    decoded when `pixel_values` is read (see [`ConversationItem`]). `dataset.lengths[i]` is its token length,
+    `dataset.records[i]` holds the record (`task_type`, `record_id`, `metadata`, ...) and `dataset.task_types[i]` its
+    task type (`None` for LLaVA records without a `task_type`).
 
     Raises:
         InvalidRecordError / FileNotFoundError: with `on_invalid="error"`, naming the record and its file (see
@@ -614,6 +622,8 @@ class ConversationDataset(Dataset):
                 raise scan.problems[0][1]
             raise InvalidRecordError(scan.describe_problems(self.path), "several")
         self.records: list[ConversationRecord] = scan.records
+        # Tokenized once here; `__getitem__` hands these out and `lengths` is read off them.
+        self.encodings: list[tuple[torch.Tensor, torch.Tensor]] = scan.encodings
         self.lengths: list[int] = scan.lengths
         self.skipped: list[tuple[str, str, str]] = [
             (where, problem_kind(error), str(error)) for where, error in scan.problems
@@ -645,14 +655,6 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def encode(self, record: ConversationRecord) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenize `record` and truncate it to `max_length`: `input_ids (L,)` and `labels (L,)`.
-
-        Raises:
-            InvalidRecordError: if truncation would cut or drop an image-token block, or leave no labeled token.
-        """
-        return encode_record(self.processor, record, self.max_length)
-
     def load_volume(self, path: Path) -> torch.Tensor:
         """One preprocessed volume `(C, H, W, D)`, through the cache when there is one.
 
@@ -664,15 +666,49 @@ class ConversationDataset(Dataset):
             return self.volume_cache.get(path, image_processor)
         return image_processor.preprocess_volume(path)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> "ConversationItem":
+        input_ids, labels = self.encodings[index]
+        return ConversationItem(self, index, input_ids, labels)
+
+    def volumes(self, index: int) -> torch.Tensor:
+        """The preprocessed volumes of record `index`, `(n_i, C, H, W, D)` (`n_i` may be 0).
+
+        Raises:
+            InvalidRecordError: naming the record, its file and the volume that cannot be preprocessed.
+        """
         record = self.records[index]
-        input_ids, labels = self.encode(record)
         try:
             volumes = [self.load_volume(path) for path in record.volume_paths]
         except (InvalidVolumeError, OSError) as error:
             raise _volume_error(record, error) from error
-        pixel_values = torch.stack(volumes) if volumes else _no_volumes(self.processor.image_processor)
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+        return torch.stack(volumes) if volumes else _no_volumes(self.processor.image_processor)
+
+
+ITEM_KEYS = ("input_ids", "labels", "pixel_values")
+
+
+class ConversationItem(Mapping):
+    """`dataset[i]`: `input_ids` and `labels` at once, `pixel_values` decoded when first read.
+
+    The Trainer's `LengthGroupedSampler` (`--train_sampling_strategy group_by_length`) learns each sample's length by
+    reading `processor.model_input_names[0]` (`input_ids`) off every item of a dataset that is not a
+    `datasets.Dataset`; with the volumes deferred, that decodes none of them.
+    """
+
+    def __init__(self, dataset: ConversationDataset, index: int, input_ids: torch.Tensor, labels: torch.Tensor):
+        self._dataset, self._index = dataset, index
+        self._values: dict[str, torch.Tensor] = {"input_ids": input_ids, "labels": labels}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key == "pixel_values" and key not in self._values:
+            self._values[key] = self._dataset.volumes(self._index)
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(ITEM_KEYS)
+
+    def __len__(self) -> int:
+        return len(ITEM_KEYS)
 
 
 def _volume_error(record: ConversationRecord, error: Exception) -> InvalidRecordError:

@@ -99,6 +99,13 @@ class UmbrellaLlavaProcessor(ProcessorMixin):
             chat_template = DEFAULT_CHAT_TEMPLATE.replace("<image>", self.image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
+    @property
+    def model_input_names(self) -> list[str]:
+        """The tokenizer's input names, then the volume processor's: the Trainer's `LengthGroupedSampler` measures a
+        sample by `model_input_names[0]`, which must be `input_ids` (tokens), not `pixel_values` (volumes)."""
+        names = self.tokenizer.model_input_names + self.image_processor.model_input_names
+        return list(dict.fromkeys(names))
+
     def expand_image_placeholders(self, text: str) -> str:
         """Replace every image placeholder in `text` by its image-token block (`image_seq_length` image tokens)."""
         return text.replace(self.image_token, self.image_token * self.image_seq_length)
