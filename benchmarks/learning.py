@@ -282,7 +282,7 @@ def bench_learning(quick: bool = False) -> list[dict]:
                 "goal": f"<= {GOAL_STEPS}" if variant.task == "global" else None,
                 "met": (steps is not None and steps <= GOAL_STEPS) if variant.task == "global" else None,
                 "note": "; ".join(f"{kind} {accuracy[kind]:.2f} (chance {CHANCE[kind]:.2f})" for kind in kinds)
-                + f"; {variant.description}",
+                + f"; steps per seed {[run['steps_to_target'] for run in result['runs']]}; {variant.description}",
             }
         )
     workdir.cleanup()
