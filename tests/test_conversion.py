@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, run_without_package, tiny_llava_kwargs
 from safetensors import safe_open
+from test_modeling import make_batch
 from transformers import (
     AutoImageProcessor,
     AutoProcessor,
@@ -46,14 +47,15 @@ STOCK_CHAT_TEMPLATE = (
 VOLUME = dict(volume_size=(32, 32, 16), patch_size=8)
 
 
-def stock_llava_config(tokenizer, vision: str = "siglip") -> LlavaConfig:
-    return LlavaConfig(**tiny_llava_kwargs(tokenizer, vision))
+def stock_llava_config(tokenizer, vision: str = "siglip", **overrides) -> LlavaConfig:
+    return LlavaConfig(**{**tiny_llava_kwargs(tokenizer, vision), **overrides})
 
 
-def save_stock_llava(folder: Path, tokenizer, vision: str = "siglip") -> LlavaForConditionalGeneration:
-    """A tiny random stock LLaVA saved as llava-hf does: legacy weight names, a LlavaProcessor and its template."""
+def save_stock_llava(folder: Path, tokenizer, vision: str = "siglip", **overrides) -> LlavaForConditionalGeneration:
+    """A tiny random stock LLaVA saved as llava-hf does: legacy weight names, a LlavaProcessor and its template.
+    `overrides` change its LlavaConfig (e.g. `vision_feature_layer=-2`, as llava-1.5)."""
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(stock_llava_config(tokenizer, vision)).eval()
+    model = LlavaForConditionalGeneration(stock_llava_config(tokenizer, vision, **overrides)).eval()
     with torch.no_grad():  # make the biases nonzero, so that copying them is really checked
         for name, param in model.named_parameters():
             if name.endswith("bias"):
@@ -227,6 +229,34 @@ def test_random_embedder_init_keeps_the_rest_identical(tokenizer):
     for name, tensor in model.state_dict().items():
         if not name.startswith("model.vision_tower.embeddings."):
             assert torch.equal(tensor, stock_state[name]), name
+
+
+def test_conversion_leaves_out_the_vision_layers_past_the_feature_layer_and_keeps_the_logits(tokenizer):
+    """llava-1.5 reads the next-to-last layer (-2): its last layer goes, and the model's output stays the same."""
+    stock_config = stock_llava_config(tokenizer, "clip", vision_feature_layer=-2)
+    torch.manual_seed(0)
+    stock = LlavaForConditionalGeneration(stock_config).eval()
+    geometry = {"volume_size": 32, "volume_patch_size": 8}
+    full = umbrella_config_from_llava(stock_config, **geometry, drop_unread_vision_layers=False)
+    config = umbrella_config_from_llava(stock_config, **geometry)
+
+    def tower(c):
+        return c.vision_config.num_hidden_layers, c.vision_feature_layer, c.dropped_vision_layers
+
+    assert tower(full) == (2, -2, 0) and tower(config) == (1, -1, 1)
+
+    reference = convert_llava_model(stock, full, embedder_init="random")
+    model = convert_llava_model(stock, config, embedder_init="random")
+    assert any(".encoder.layers.1." in name for name in reference.state_dict())
+    assert not any(".encoder.layers.1." in name for name in model.state_dict())
+    batch = make_batch(config, [1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+
+    # A list of feature layers keeps up to the last one read, each renumbered to the same hidden states.
+    stock_config.vision_feature_layer = [-3, -2]
+    listed = umbrella_config_from_llava(stock_config, **geometry)
+    assert (listed.vision_config.num_hidden_layers, listed.vision_feature_layer) == (1, [-2, -1])
 
 
 # 3. Processor and chat template

@@ -392,6 +392,60 @@ def test_ddp_on_two_cpu_processes_forms_one_group_and_matches_one_process_with_t
     )
 
 
+@pytest.fixture(scope="module")
+def llava15_checkpoints(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """llava-1.5-style checkpoints (a CLIP tower read at vision_feature_layer=-2, strategy default) for the 16³
+    volumes of `run_inputs`: one converted from a stock LLaVA, one built from its config."""
+    from test_conversion import save_stock_llava
+
+    from umbrella_llava.conversion import convert_llava_checkpoint
+
+    root = tmp_path_factory.mktemp("llava15")
+    save_stock_llava(root / "stock", tokenizer, "clip", vision_feature_layer=-2)
+    converted = convert_llava_checkpoint(root / "stock", root / "converted", volume_size=16, patch_size=8)
+    torch.manual_seed(0)
+    config = tiny_config(tokenizer, vision="clip", vision_feature_layer=-2)
+    UmbrellaLlavaForConditionalGeneration(config).save_pretrained(root / "scratch")
+    UmbrellaLlavaProcessor(
+        image_processor=UmbrellaVolumeProcessor(volume_size=(16, 16, 16)),
+        tokenizer=tokenizer,
+        image_seq_length=config.image_seq_length,
+    ).save_pretrained(root / "scratch")
+    return {"converted": converted, "scratch": root / "scratch"}
+
+
+def with_checkpoint(args: list[str], checkpoint: Path) -> list[str]:
+    args = list(args)
+    args[args.index("--model_name_or_path") + 1] = str(checkpoint)
+    return args
+
+
+def test_full_training_freezes_the_vision_layers_whose_output_is_never_read(run_inputs, llava15_checkpoints, tmp_path):
+    args = train_args(run_inputs, tmp_path, "--train_mode", "full", "--max_steps", "2")
+    trainer, _ = build_trainer(*parse_arguments(with_checkpoint(args, llava15_checkpoints["scratch"])))
+    frozen = {name for name, parameter in trainer.model.named_parameters() if not parameter.requires_grad}
+    assert frozen and all(name.startswith("model.vision_tower.encoder.layers.1.") for name in frozen)
+
+    before = _parameters(trainer.model)
+    trainer.train()
+    after = _parameters(trainer.model)
+    # Every trainable parameter moved, so each got a gradient: what DDP without unused-parameter search needs.
+    assert {name for name in before if not torch.equal(before[name], after[name])} == set(before) - frozen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("origin", ["converted", "scratch"])
+def test_ddp_trains_and_saves_a_llava15_style_model_in_full(run_inputs, llava15_checkpoints, tmp_path, origin):
+    args = train_args(run_inputs, tmp_path / "ddp", "--train_mode", "full", "--max_steps", "2")
+    result = torchrun(with_checkpoint(args, llava15_checkpoints[origin]), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "world_size=2" in result.stdout
+    saved = UmbrellaLlavaForConditionalGeneration.from_pretrained(tmp_path / "ddp").config
+    # Converted: the last vision layer was left out at conversion; from scratch it is there, frozen.
+    expected = {"converted": (1, -1), "scratch": (2, -2)}[origin]
+    assert (saved.vision_config.num_hidden_layers, saved.vision_feature_layer) == expected
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the check is about machines without an accelerator")
 def test_multi_process_launch_without_use_cpu_on_a_cpu_machine_is_refused(run_inputs, tmp_path):
     _, _, training_args = parse_arguments([a for a in train_args(run_inputs, tmp_path) if a != "--use_cpu"])

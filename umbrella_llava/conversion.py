@@ -107,8 +107,15 @@ def umbrella_config_from_llava(
     volume_patch_size: int | Sequence[int],
     volume_channels: int = 1,
     vision_feature_select_strategy: str | None = None,
+    drop_unread_vision_layers: bool = True,
 ) -> UmbrellaLlavaConfig:
     """The UmbrellaLlava config of a stock LLaVA config: the same tower, projector and LM, plus volume geometry.
+
+    LLaVA reads the tower's hidden states at `vision_feature_layer` (llava-1.5: -2, the next-to-last layer's output),
+    so the encoder layers after the last one it reads never change the output and never get a gradient, which
+    stalls DDP. With `drop_unread_vision_layers`, the tower keeps only the layers it reads
+    (`vision_config.num_hidden_layers`), `vision_feature_layer` is renumbered to read the same hidden states, and
+    `dropped_vision_layers` records how many went; the model's output is the same.
 
     Args:
         llava_config: the stock config; its vision tower must be SigLIP or CLIP.
@@ -116,6 +123,7 @@ def umbrella_config_from_llava(
         volume_patch_size: (H, W, D) of a 3-D patch in voxels, or one int; must divide `volume_size`.
         volume_channels: channels per volume.
         vision_feature_select_strategy: overrides the stock's `"default"` / `"full"` when given.
+        drop_unread_vision_layers: leave out the encoder layers past the last one `vision_feature_layer` reads.
 
     Raises:
         ValueError: from [`UmbrellaLlavaConfig`] (patch does not divide the volume, unsupported tower, a strategy that
@@ -123,6 +131,16 @@ def umbrella_config_from_llava(
     """
     values = {key: value for key, value in llava_config.to_dict().items() if key not in _STOCK_ONLY_CONFIG_KEYS}
     values.pop("image_seq_length", None)
+    num_layers = values["vision_config"]["num_hidden_layers"]
+    feature_layers = values["vision_feature_layer"]
+    feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
+    # hidden_states[k] is the output of the first k encoder layers (k = 0: the embeddings), num_layers + 1 in all.
+    read = [layer % (num_layers + 1) for layer in feature_layers]
+    kept = max(read) if drop_unread_vision_layers else num_layers
+    renumbered = [r - (kept + 1) if layer < 0 else r for layer, r in zip(feature_layers, read)]
+    values["vision_feature_layer"] = renumbered[0] if isinstance(values["vision_feature_layer"], int) else renumbered
+    values["vision_config"] = {**values["vision_config"], "num_hidden_layers": kept}
+    values["dropped_vision_layers"] = num_layers - kept
     if vision_feature_select_strategy is not None:
         values["vision_feature_select_strategy"] = vision_feature_select_strategy
     try:
@@ -372,8 +390,9 @@ def convert_llava_model(
     `pixel_normalization` (the base image processor's, see [`read_pixel_normalization`]) is folded into the
     inflated kernel; `None` inflates the raw kernel.
 
-    Every stock tensor except the tower's 2-D embeddings, `post_layernorm` and SigLIP head is copied bit-identically
-    (same dtype) with a strict `load_state_dict`; the 3-D embedder comes from `embedder_init`.
+    Every stock tensor except the tower's 2-D embeddings, `post_layernorm`, SigLIP head and the encoder layers that
+    `config` dropped (see [`umbrella_config_from_llava`]) is copied bit-identically (same dtype) with a strict
+    `load_state_dict`; the 3-D embedder comes from `embedder_init`.
 
     Raises:
         ValueError: for an unknown `embedder_init`.
@@ -385,7 +404,13 @@ def convert_llava_model(
     model = UmbrellaLlavaForConditionalGeneration._from_config(config, dtype=dtype)
 
     stock_state = stock.state_dict()
-    kept = {name: tensor for name, tensor in stock_state.items() if not name.startswith(REPLACED_TOWER_PREFIXES)}
+    # Encoder layers past the last one `vision_feature_layer` reads, when `config` dropped them.
+    unread_layers = tuple(
+        f"{VISION_TOWER_PREFIX}encoder.layers.{index}."
+        for index in range(config.vision_config.num_hidden_layers, stock.config.vision_config.num_hidden_layers)
+    )
+    left_out = REPLACED_TOWER_PREFIXES + unread_layers
+    kept = {name: tensor for name, tensor in stock_state.items() if not name.startswith(left_out)}
     target = model.state_dict()
     embedder_names = {name for name in target if name.startswith(EMBEDDINGS_PREFIX)}
     missing = sorted(set(target) - set(kept) - embedder_names)
@@ -560,6 +585,12 @@ def convert_llava_checkpoint(
     config = umbrella_config_from_llava(
         llava_config, volume_size, patch_size, volume_channels, vision_feature_select_strategy
     )
+    if config.dropped_vision_layers:
+        logger.info(
+            "Leaving out the last %d vision encoder layer(s), whose output vision_feature_layer=%s never reads.",
+            config.dropped_vision_layers,
+            llava_config.vision_feature_layer,
+        )
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
     check_image_token(tokenizer, config, base)
     processor = build_volume_processor(config, tokenizer, resolve_chat_template(chat_template, base, tokenizer))

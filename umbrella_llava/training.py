@@ -52,6 +52,7 @@ TRAIN_MODES = ("embedder", "embedder_projector", "full", "lora")
 EMBEDDER = "model.vision_tower.embeddings"
 PROJECTOR = "model.multi_modal_projector"
 LANGUAGE_MODEL = "model.language_model"
+VISION_ENCODER_LAYERS = "model.vision_tower.encoder.layers"
 CONVERT_SCRIPT = "scripts/convert_llava_checkpoint.py"
 
 
@@ -251,12 +252,27 @@ def language_model_linear_names(model: nn.Module) -> list[str]:
     )
 
 
+def unread_vision_layers(model: PreTrainedModel) -> list[nn.Module]:
+    """The vision encoder layers after the last one whose output `config.vision_feature_layer` reads.
+
+    They never change the model's output nor get a gradient. A converted checkpoint has none (the converter leaves
+    them out, see `conversion.umbrella_config_from_llava`); a model built from a config at `vision_feature_layer=-2`
+    has one.
+    """
+    layers = model.get_submodule(VISION_ENCODER_LAYERS)
+    feature_layers = model.config.vision_feature_layer
+    feature_layers = [feature_layers] if isinstance(feature_layers, int) else feature_layers
+    # hidden_states[k] is the output of the first k layers (k = 0: the embeddings), len(layers) + 1 in all.
+    last_read = max(layer % (len(layers) + 1) for layer in feature_layers)
+    return list(layers)[last_read:]
+
+
 def configure_trainable_parameters(model: PreTrainedModel, model_args: ModelArguments) -> nn.Module:
     """Freeze all but what `model_args.train_mode` trains; for `lora`, wrap the model with PEFT.
 
     - `embedder`: `model.vision_tower.embeddings` (the 3-D patch embedder) only.
     - `embedder_projector`: the embedder and `model.multi_modal_projector`.
-    - `full`: every parameter.
+    - `full`: every parameter but those of [`unread_vision_layers`], which could not get a gradient.
     - `lora`: LoRA adapters on the language model's linear layers (`lora_target_modules`, default all of them; the
       vision tower and `lm_head` never), with the embedder and projector fully trained as PEFT `modules_to_save`.
 
@@ -272,6 +288,8 @@ def configure_trainable_parameters(model: PreTrainedModel, model_args: ModelArgu
         raise ValueError(f"--train_mode must be one of {TRAIN_MODES}, got {mode!r}.")
     if mode == "full":
         model.requires_grad_(True)
+        for layer in unread_vision_layers(model):
+            layer.requires_grad_(False)
         return model
     if mode in ("embedder", "embedder_projector"):
         trained = (EMBEDDER,) if mode == "embedder" else (EMBEDDER, PROJECTOR)
@@ -392,7 +410,8 @@ def build_trainer(
     check_distributed_launch(training_args)
     if training_args.ddp_find_unused_parameters is None:
         # Every trainable parameter gets a gradient in every step in every mode (text-only batches run a blank
-        # volume through the vision path), so DDP need not search the graph for unused ones.
+        # volume through the vision path, and vision layers whose output is never read are frozen, see
+        # `unread_vision_layers`), so DDP need not search the graph for unused ones.
         training_args.ddp_find_unused_parameters = False
     if not training_args.label_names:
         training_args.label_names = ["labels"]  # the Trainer cannot read them off a PeftModel's signature
