@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from einops import rearrange
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import CompileConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from umbrella_llava import UmbrellaLlavaConfig, UmbrellaLlavaForConditionalGeneration, UmbrellaVolumeEmbeddings
 
@@ -150,7 +150,7 @@ def test_each_sample_gets_its_own_volumes_in_slot_order(tiny_model):
         positions = (batch["input_ids"][b] == tiny_model.config.image_token_id).nonzero().flatten()
         for slot in range(int(batch["num_images_per_sample"][b])):
             with torch.no_grad():
-                alone = tiny_model.model.get_volume_features(batch["pixel_values"][b, slot][None])
+                alone = tiny_model.model.get_image_features(batch["pixel_values"][b, slot][None]).pooler_output[0]
             block = seen["embeds"][b, positions[slot * seq : (slot + 1) * seq]]
             torch.testing.assert_close(block, alone, rtol=1e-4, atol=1e-5)
 
@@ -250,3 +250,149 @@ def test_beams_and_return_sequences_keep_each_samples_volumes(tiny_model, flatte
             **settings,
         )
         assert together[2 * b : 2 * b + 2, -6:].tolist() == alone[:, -6:].tolist()
+
+
+# 5. What transformers' common model and generation tests check, on volumes (each named after the test it mirrors)
+
+
+def volume_prompt(config, seed: int) -> dict:
+    """One sample, text around one volume's image-token block, as a chat prompt has."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.tensor([[20, 30] + [config.image_token_id] * config.image_seq_length + [40, 50, 60]]),
+        "pixel_values": torch.randn(1, 1, config.volume_channels, *config.volume_size, generator=generator),
+    }
+
+
+@pytest.fixture
+def volume_sensitive_model(tiny_model):
+    """The tiny model with its attention's value and output projections scaled 30-fold: at initialisation the residual
+    stream carries mostly the token's own embedding, so the model repeats its last text token whatever the volumes;
+    scaled, what a volume gives decides the next tokens, which a negative control needs."""
+    with torch.no_grad():
+        for layer in tiny_model.model.language_model.layers:
+            layer.self_attn.v_proj.weight.mul_(30.0)
+            layer.self_attn.o_proj.weight.mul_(30.0)
+    return tiny_model
+
+
+def test_forward_with_logits_to_keep(tiny_model):
+    batch = make_batch(tiny_model.config, [2, 1])
+    with torch.no_grad():
+        full = tiny_model(**batch).logits
+        last = tiny_model(**batch, logits_to_keep=1).logits
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:])
+
+
+def test_generate_prefill_computes_logits_for_the_last_position_only(tiny_model):
+    """generate() asks for `logits_to_keep=1` only from a forward that names the argument."""
+    batch = make_batch(tiny_model.config, [2, 1])
+    asked, positions = [], []
+    hooks = [
+        tiny_model.register_forward_pre_hook(
+            lambda module, args, kwargs: asked.append(kwargs.get("logits_to_keep")), with_kwargs=True
+        ),
+        tiny_model.lm_head.register_forward_hook(lambda module, args, out: positions.append(out.shape[1])),
+    ]
+    try:
+        _generate(tiny_model, **batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert asked[0] == 1 and positions[0] == 1
+
+
+def test_image_hidden_states_hold_the_valid_volumes_features(tiny_model):
+    batch = make_batch(tiny_model.config, [2, 0, 1], slots=3)
+    with torch.no_grad():
+        out = tiny_model(**batch)
+        expected = tiny_model.get_image_features(batch["pixel_values"][batch["image_mask"]]).pooler_output
+    assert tuple(out.image_hidden_states.shape) == (3, tiny_model.config.image_seq_length, 64)
+    torch.testing.assert_close(out.image_hidden_states, expected)
+
+
+def test_get_image_features_takes_slots_or_flattened_volumes_and_per_call_layer_and_strategy(tokenizer):
+    torch.manual_seed(0)
+    model = UmbrellaLlavaForConditionalGeneration(tiny_config(tokenizer, vision="clip")).eval()
+    batch = make_batch(model.config, [2, 0, 1], slots=3)
+    volumes = batch["pixel_values"][batch["image_mask"]]
+    with torch.no_grad():
+        flat = model.get_image_features(volumes).pooler_output
+        assert flat.shape == (3, 8, 64)  # "default" drops CLIP's class token
+        for counts in ({"image_mask": batch["image_mask"]}, {"num_images_per_sample": batch["num_images_per_sample"]}):
+            torch.testing.assert_close(model.get_image_features(batch["pixel_values"], **counts).pooler_output, flat)
+        assert model.get_image_features(volumes, vision_feature_select_strategy="full").pooler_output.shape[1] == 9
+        second_last = model.get_image_features(volumes, vision_feature_layer=-2).pooler_output
+        tower = model.model.vision_tower(volumes, output_hidden_states=True)
+        torch.testing.assert_close(second_last, model.model.multi_modal_projector(tower.hidden_states[-2][:, 1:]))
+        through_forward = model(**batch, vision_feature_layer=-2).image_hidden_states
+    assert not torch.allclose(second_last, flat)
+    torch.testing.assert_close(through_forward, second_last)
+
+
+@pytest.mark.parametrize("vision", ["siglip", "clip"])
+def test_disk_offload_safetensors(tokenizer, tmp_path, vision):
+    """The 3-D embedder and the projector offloaded to disk give the logits they give in memory."""
+    torch.manual_seed(0)
+    model = UmbrellaLlavaForConditionalGeneration(tiny_config(tokenizer, vision=vision)).eval()
+    model.save_pretrained(tmp_path / "model")
+    device_map = {f"model.vision_tower.{name}": "cpu" for name, _ in model.model.vision_tower.named_children()}
+    device_map.update(
+        {
+            "model.vision_tower.embeddings": "disk",
+            "model.multi_modal_projector": "disk",
+            "model.language_model": "cpu",
+            "lm_head": "cpu",
+        }
+    )
+    offloaded = UmbrellaLlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload"
+    ).eval()
+    assert offloaded.model.vision_tower.embeddings.position_embedding.weight.device.type == "meta"
+    batch = make_batch(model.config, [2, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(**batch).logits, model(**batch).logits)
+
+
+@pytest.mark.parametrize("mode", ["assistant_model", "prompt_lookup_num_tokens"])
+def test_assisted_decoding_matches_greedy_search(volume_sensitive_model, mode):
+    """Also `test_prompt_lookup_decoding_matches_greedy_search`. The assistant (the model itself) fills its own cache
+    on a forward transformers does not count as the first, and must get the volumes there too."""
+    model = volume_sensitive_model
+    encoded = []
+    hook = model.model.vision_tower.embeddings.register_forward_hook(
+        lambda module, args, out: encoded.append(args[0].shape[0])
+    )
+    assistance = {"assistant_model": model} if mode == "assistant_model" else {"prompt_lookup_num_tokens": 3}
+    answers = []
+    try:
+        for seed in (0, 1):
+            inputs = volume_prompt(model.config, seed)
+            greedy = _generate(model, **inputs)
+            encoded.clear()
+            assisted = _generate(model, **inputs, **assistance)
+            assert assisted.tolist() == greedy.tolist()
+            assert encoded == ([1, 1] if mode == "assistant_model" else [1])  # the assistant's prefill saw the volume
+            answers.append(assisted[0, -6:].tolist())
+    finally:
+        hook.remove()
+    assert answers[0] != answers[1]  # other volumes, other tokens
+
+
+def test_generate_compile_model_forward_fullgraph(volume_sensitive_model):
+    """A static cache and `torch.compile(fullgraph=True)` of the decoding step: no branch on tensor values. The
+    eager backend traces the whole graph without generating code, which is what fullgraph checks."""
+    model = volume_sensitive_model
+    compile_config = CompileConfig(fullgraph=True, backend="eager")
+    compile_config._compile_all_devices = True  # as transformers' own test does on CPU
+    torch._dynamo.reset()
+    answers = []
+    for seed in (0, 1):
+        inputs = volume_prompt(model.config, seed)
+        eager = _generate(model, **inputs)
+        compiled = _generate(model, **inputs, cache_implementation="static", compile_config=compile_config)
+        assert compiled.tolist() == eager.tolist()
+        answers.append(compiled[0, -6:].tolist())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert answers[0] != answers[1]  # other volumes, other tokens

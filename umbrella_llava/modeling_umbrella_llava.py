@@ -18,7 +18,9 @@ from einops.layers.torch import Rearrange
 from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
+from transformers.utils import can_return_tuple
 
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
 
@@ -70,10 +72,13 @@ class UmbrellaVolumeEmbeddings(nn.Module):
             )
         patches = self.patch_layout(pixel_values.to(self.patch_embedding.weight.dtype))
         embeddings = self.patch_embedding(patches)
+        # The embeddings are called as modules, never read as `.weight`: an offloaded module's weights are loaded
+        # by its own forward hook (accelerate), and a ZeRO-3 shard gathered by its own.
+        positions = torch.arange(self.position_embedding.num_embeddings, device=embeddings.device)
         if self.class_embedding is not None:
-            class_tokens = self.class_embedding.weight.expand(embeddings.shape[0], 1, -1)
-            embeddings = torch.cat([class_tokens, embeddings], dim=1)
-        return embeddings + self.position_embedding.weight
+            class_tokens = self.class_embedding(positions[:1]).expand(embeddings.shape[0], 1, -1)
+            embeddings = torch.cat([class_tokens.to(embeddings.device), embeddings], dim=1)
+        return embeddings + self.position_embedding(positions).to(embeddings.device)
 
 
 def flatten_volumes(
@@ -224,15 +229,6 @@ def check_volumes_are_finite(
     )
 
 
-def _continues_from_cache(kwargs: dict) -> bool:
-    """Whether this forward decodes after cached tokens (the cache argument is `cache` from transformers 5.2x on)."""
-    for name in ("cache", "past_key_values"):
-        cache = kwargs.get(name)
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            return True
-    return False
-
-
 def init_volume_embeddings(module: UmbrellaVolumeEmbeddings, vision_config) -> None:
     """Initialise the 3-D embedder by the rules its host tower applies to its own 2-D embedding.
 
@@ -300,7 +296,12 @@ class UmbrellaLlavaPreTrainedModel(LlavaPreTrainedModel):
 
 
 class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
-    """[`LlavaModel`] whose vision tower embeds 3-D volumes; without a language-modelling head."""
+    """[`LlavaModel`] whose vision tower embeds 3-D volumes; without a language-modelling head.
+
+    The volumes travel through LLaVA's own hooks, with their slot mask or counts beside them (as qwen2_vl threads
+    `image_grid_thw`): [`get_image_features`] keeps and encodes the valid volumes, [`get_placeholder_mask`] checks
+    each sample's image-token blocks against its volumes.
+    """
 
     _auto_class = "AutoModel"
 
@@ -316,30 +317,61 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
-    def get_volume_features(self, volumes: torch.Tensor) -> torch.Tensor:
-        """Encode valid volumes `(M, C, H, W, D)` into image-token features `(M * image_seq_length, text_hidden)`."""
-        image_outputs = self.get_image_features(
-            pixel_values=volumes,
-            vision_feature_layer=self.config.vision_feature_layer,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-        )
-        return torch.cat(list(image_outputs.pooler_output), dim=0)
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+        num_images_per_sample: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Encode the valid volumes of a batch and project them to the language model's width.
 
-    def get_volume_placeholder_mask(
+        Args:
+            pixel_values: `(B, N, C, H, W, D)` slots with `image_mask` and/or `num_images_per_sample` (all slots when
+                neither is given), or `(M, C, H, W, D)` valid volumes already flattened.
+            image_mask, num_images_per_sample: as in [`flatten_volumes`]; padded slots are never encoded.
+            vision_feature_layer, vision_feature_select_strategy: as in [`LlavaModel.get_image_features`]; the
+                config's when `None`.
+
+        Returns:
+            The vision tower's output, whose `pooler_output` holds the valid volumes' image-token features
+            `(M, image_seq_length, text_hidden)` in (sample, slot) order.
+        """
+        volumes, _ = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
+        image_outputs = super().get_image_features(
+            pixel_values=volumes,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            return_dict=True,
+            **kwargs,
+        )
+        # LLaVA lists one (tokens, hidden) tensor per image, as its images may differ in size; volumes never do.
+        image_outputs.pooler_output = torch.stack(list(image_outputs.pooler_output))
+        return image_outputs
+
+    def get_placeholder_mask(
         self,
         input_ids: torch.LongTensor | None,
-        inputs_embeds: torch.Tensor,
-        num_images_per_sample: torch.Tensor | None,
-        num_volumes: int,
+        inputs_embeds: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+        num_images_per_sample: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Find the image-token positions and check them sample by sample.
+
+        Args:
+            input_ids: `(B, L)`; when `None`, image tokens are found in `inputs_embeds` `(B, L, text_hidden)`.
+            image_features: `(M, image_seq_length, text_hidden)` features of the valid volumes (only `M` is read), or
+                `None` for a batch without volumes, which must then hold no image token.
+            num_images_per_sample: `(B,)` volumes per sample; `None` to take them from the text.
 
         Returns:
             `(B, L, 1)` bool mask of image-token positions.
 
         Raises:
             ValueError: naming every sample whose image-token count is not its volumes × `image_seq_length`, even
-                when the batch totals agree.
+                when the batch totals agree, and every sample whose blocks are split by text.
         """
         if input_ids is None:
             image_embedding = self.get_input_embeddings()(
@@ -351,6 +383,10 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
 
         seq_length = self.config.image_seq_length
         tokens_per_sample = special_image_mask.sum(dim=1).cpu()
+        if image_features is None:
+            num_volumes, num_images_per_sample = 0, torch.zeros(len(tokens_per_sample), dtype=torch.long)
+        else:
+            num_volumes = image_features.shape[0]
         if num_images_per_sample is None:
             # Flattened volumes without counts: the text alone says which sample owns which volume.
             num_images_per_sample = tokens_per_sample // seq_length
@@ -376,46 +412,7 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         check_image_token_blocks(special_image_mask, seq_length)
         return special_image_mask.unsqueeze(-1)
 
-    def embed_volumes_into_text(
-        self,
-        inputs_embeds: torch.Tensor,
-        input_ids: torch.LongTensor | None,
-        pixel_values: torch.Tensor | None,
-        image_mask: torch.Tensor | None = None,
-        num_images_per_sample: torch.Tensor | None = None,
-        check_text_only: bool = True,
-    ) -> torch.Tensor:
-        """Write each sample's volume features into its image-token blocks; returns the new `inputs_embeds`.
-
-        With no volumes, `check_text_only` refuses image tokens in the text (off while decoding from a cache, where
-        the prompt's volumes are already in the cache and a generated token may be anything).
-        """
-        volumes, counts = None, None
-        if pixel_values is not None:
-            volumes, counts = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
-
-        if volumes is None or volumes.shape[0] == 0:
-            if self.training and torch.is_grad_enabled():
-                # A text-only batch still runs one blank volume through the vision path, so that every rank of a
-                # DDP / ZeRO-3 run touches the same parameters in every step.
-                blank = torch.zeros(
-                    (1, self.config.volume_channels, *self.config.volume_size), device=inputs_embeds.device
-                )
-                inputs_embeds = inputs_embeds + 0.0 * self.get_volume_features(blank).sum().to(inputs_embeds.dtype)
-            if input_ids is not None and check_text_only:
-                # Image tokens without volumes would train on the token's embedding instead of a scan: refuse.
-                self.get_volume_placeholder_mask(
-                    input_ids, inputs_embeds, torch.zeros(input_ids.shape[0], dtype=torch.long), 0
-                )
-            return inputs_embeds
-
-        placeholder_mask = self.get_volume_placeholder_mask(input_ids, inputs_embeds, counts, volumes.shape[0])
-        if counts is None:  # flattened volumes owned by the text's blocks, which the check above matched
-            counts = placeholder_mask.sum(dim=(1, 2)).cpu() // self.config.image_seq_length
-        check_volumes_are_finite(volumes, counts, image_mask if pixel_values.dim() == 6 else None)
-        features = self.get_volume_features(volumes).to(inputs_embeds.device, inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(placeholder_mask.to(inputs_embeds.device), features)
-
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -424,6 +421,8 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         image_mask: torch.Tensor | None = None,
         num_images_per_sample: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
         **kwargs,
     ):
         r"""
@@ -438,8 +437,18 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
                 True where a slot holds a volume. Padded slots are never encoded.
             num_images_per_sample (`torch.LongTensor` of shape `(B,)`):
                 Volumes per sample; with 6-D `pixel_values` and no `image_mask`, the first slots are taken.
+            vision_feature_layer, vision_feature_select_strategy:
+                As in [`LlavaModel.forward`]; the config's when `None`.
             **kwargs:
                 Passed on to [`LlavaModel.forward`] (cache, position ids, attention options, ...).
+
+        Without volumes, image tokens in the text are refused, except when a cache is given: the forward then
+        continues a generation, whose prompt was checked when it filled the cache, and a generated token may be any.
+        That test is on the arguments, not on tensor values, so a compiled decoding step has no branch on them.
+
+        Returns:
+            [`LlavaModelOutputWithPast`], whose image outputs hold the valid volumes' features
+            `(M, image_seq_length, text_hidden)`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -451,15 +460,44 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
             )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        inputs_embeds = self.embed_volumes_into_text(
-            inputs_embeds,
-            input_ids,
-            pixel_values,
-            image_mask,
-            num_images_per_sample,
-            check_text_only=not _continues_from_cache(kwargs),
+        feature_options = {
+            "vision_feature_layer": vision_feature_layer,
+            "vision_feature_select_strategy": vision_feature_select_strategy,
+        }
+
+        volumes, counts, image_outputs = None, None, None
+        if pixel_values is not None:
+            volumes, counts = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
+        if volumes is not None and volumes.shape[0] > 0:
+            image_outputs = self.get_image_features(volumes, **feature_options)
+            image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+            placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features, counts)
+            if counts is None:  # flattened volumes owned by the text's blocks, which the check above matched
+                counts = placeholder_mask.sum(dim=(1, 2)).cpu() // self.config.image_seq_length
+            check_volumes_are_finite(volumes, counts, image_mask if pixel_values.dim() == 6 else None)
+            inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask.to(inputs_embeds.device), image_features)
+        else:
+            if self.training and torch.is_grad_enabled():
+                # A text-only batch still runs one blank volume through the vision path, so that every rank of a
+                # DDP / ZeRO-3 run touches the same parameters in every step.
+                blank = torch.zeros(
+                    (1, self.config.volume_channels, *self.config.volume_size), device=inputs_embeds.device
+                )
+                blank_features = self.get_image_features(blank, **feature_options).pooler_output
+                inputs_embeds = inputs_embeds + 0.0 * blank_features.sum().to(inputs_embeds.dtype)
+            if input_ids is not None and kwargs.get("cache", kwargs.get("past_key_values")) is None:
+                # Image tokens without volumes would train on the token's embedding instead of a scan: refuse.
+                self.get_placeholder_mask(input_ids, inputs_embeds, None)
+
+        outputs = super().forward(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kwargs
         )
-        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        if image_outputs is None:
+            return outputs
+        # transformers 5.2x carries the tower's whole output; 5.17 only its features.
+        if "image_outputs" in type(outputs).__dataclass_fields__:
+            return type(outputs)(**outputs, image_outputs=image_outputs)
+        return type(outputs)(**outputs, image_hidden_states=image_outputs.pooler_output)
 
 
 class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaForConditionalGeneration):
@@ -473,6 +511,25 @@ class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaF
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+        num_images_per_sample: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """As [`UmbrellaLlavaModel.get_image_features`]."""
+        return self.model.get_image_features(
+            pixel_values,
+            image_mask=image_mask,
+            num_images_per_sample=num_images_per_sample,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            **kwargs,
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -481,6 +538,7 @@ class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaF
         image_mask: torch.Tensor | None = None,
         num_images_per_sample: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ):
         r"""
@@ -489,9 +547,12 @@ class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaF
                 As in [`UmbrellaLlavaModel.forward`].
             labels (`torch.LongTensor` of shape `(B, L)`):
                 Next-token targets; -100 where no loss is taken (prompt, padding, image tokens).
+            logits_to_keep (`int` or `torch.Tensor`):
+                Compute logits for the last `logits_to_keep` positions only (all when 0), or for the positions a 1-D
+                tensor lists; `generate()` asks for 1 at prefill.
             **kwargs:
-                Passed on to [`LlavaForConditionalGeneration.forward`]: cache, `logits_to_keep`, and the Trainer's
-                `num_items_in_batch`, which keeps the loss normalised over gradient-accumulation steps.
+                Passed on to [`LlavaForConditionalGeneration.forward`]: cache, vision feature layer and strategy, and
+                the Trainer's `num_items_in_batch`, which keeps the loss normalised over gradient-accumulation steps.
         """
         return super().forward(
             input_ids=input_ids,
@@ -500,8 +561,47 @@ class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaF
             image_mask=image_mask,
             num_images_per_sample=num_images_per_sample,
             labels=labels,
+            logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache=None,
+        past_key_values=None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        # transformers passes volumes on the first iteration only. An assistant model's first forward is not one,
+        # yet it fills an empty cache with the whole prompt, so the volumes go to whichever forward fills an empty
+        # cache. This runs eagerly, outside a compiled forward. The forward skips its text-only check when it has a
+        # cache, so a prompt without volumes is checked here, once. (The cache is `cache` from transformers 5.2x on,
+        # `past_key_values` before; `generate()` validates its keywords against this signature.)
+        given_cache = {"cache": cache} if cache is not None else {}
+        if past_key_values is not None:
+            cache, given_cache = past_key_values, {"past_key_values": past_key_values}
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **given_cache,
+            **kwargs,
+        )
+        fills_cache = is_first_iteration or cache is None or int(cache.get_seq_length()) == 0
+        for name in ("pixel_values", "image_mask", "num_images_per_sample"):
+            if fills_cache and kwargs.get(name) is not None:
+                model_inputs[name] = kwargs[name]
+            else:
+                model_inputs.pop(name, None)
+        if fills_cache and model_inputs.get("pixel_values") is None and model_inputs.get("input_ids") is not None:
+            self.model.get_placeholder_mask(model_inputs["input_ids"], None, None)
+        return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # Beams and `num_return_sequences` repeat every tensor along dim 0. That is right for (B, N, ...) slots, but
