@@ -203,6 +203,13 @@ def _generate(model, **inputs):
     return model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
 
 
+def test_generate_refuses_image_tokens_without_volumes(tiny_model):
+    """The forward leaves this check to generate() when it has a cache; generate() makes it on the prompt."""
+    batch = make_batch(tiny_model.config, [1, 0])
+    with pytest.raises(ValueError, match="sample 0: 8 image tokens, 0 volumes"):
+        _generate(tiny_model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
 def test_greedy_generation_matches_the_forward_pass(tiny_model):
     batch = make_batch(tiny_model.config, [2, 1])
     generated = _generate(tiny_model, **batch)
