@@ -7,7 +7,9 @@ so the weights of a stock checkpoint keep their meaning. The forward pass takes 
     pixel_values (B, N, C, H, W, D) + image_mask (B, N) and/or num_images_per_sample (B,)
 
 keeps the valid volumes only, encodes them, and writes each sample's volume features into that sample's image-token
-blocks, in slot order.
+blocks, in slot order. It does so through LLaVA's own hooks, as qwen2_vl threads `image_grid_thw` through them:
+`get_image_features` takes the volumes with their mask or counts, `get_placeholder_mask` checks every sample's
+image-token blocks against its volumes.
 
 This file travels to the Hub as remote code: it imports only torch, transformers and einops, and siblings with
 single-dot relative imports.
@@ -104,10 +106,11 @@ def flatten_volumes(
             `image_mask` is not `(B, N)`, or a count is not a whole number (each naming the sample).
     """
     if not isinstance(pixel_values, torch.Tensor):
+        items = f" of {len(pixel_values)} items" if isinstance(pixel_values, (list, tuple)) else ""
         raise TypeError(
-            f"pixel_values must be one tensor (B, N, C, H, W, D) or (M, C, H, W, D), got a {type(pixel_values).__name__}"
-            f"{f' of {len(pixel_values)} items' if isinstance(pixel_values, (list, tuple)) else ''}: batch the "
-            "volumes with the processor or UmbrellaCollator, or with image_processing_umbrella_llava.stack_volumes."
+            f"pixel_values must be one tensor (B, N, C, H, W, D) or (M, C, H, W, D), got a "
+            f"{type(pixel_values).__name__}{items}: batch the volumes with the processor or UmbrellaCollator, or with "
+            "image_processing_umbrella_llava.stack_volumes."
         )
     counts = None
     if num_images_per_sample is not None:
