@@ -6,7 +6,8 @@ arrays and tensors work without nibabel, and a NIfTI path without it is a clear 
 
 The path of one volume, one small function per step:
 
-    read (`load_volume`: decode once, reorient to RAS+, voxel spacing from the affine)
+    read (`load_volume`: decode once, take a 4-D file's frames as `frames` says, reorient to RAS+, voxel spacing
+          from the affine)
       ─▶ NaN/±Inf voxels set to 0
       ─▶ spatial: resize the field of view to `volume_size` (trilinear), or, with `voxel_spacing`, resample to that
          spacing and centre-crop/pad to `volume_size`, so that one voxel is always the same number of millimetres
@@ -15,11 +16,12 @@ The path of one volume, one small function per step:
 Every failure to read a file ends here, named: a missing, unreadable, looping or directory path is an `OSError`
 subclass, and anything wrong with what the file holds is an [`InvalidVolumeError`] (a `ValueError`), raised before
 anything is allocated where the header alone shows it (a zero-length axis, more than `MAX_VOXELS` voxels decoded or
-resampled, RGB or complex voxels, a non-finite affine).
+resampled, RGB or complex voxels, a non-finite affine, frames that the `frames` policy refuses).
 """
 
 import errno
 import math
+import operator
 import os
 import stat
 import warnings
@@ -46,6 +48,8 @@ except ImportError:  # nibabel is optional: only NIfTI paths and images need it
     nib = None
 
 NORMALIZATIONS = ("minmax", "zscore", "none")
+# What the frames of a 4-D file (fMRI run, diffusion, multi-echo) become; besides these, `frames` may be an int index.
+FRAME_POLICIES = ("error", "mean", "first", "channels")
 # Centred inputs: a vision path trained from scratch learns from z-scored volumes in far fewer steps than from [0, 1]
 # ones, whose common offset it must first learn around (BENCHMARKS.md, "Learning speed"). Converted checkpoints
 # write "minmax" into their processor: the base's pixel normalisation is folded into their kernel for [0, 1] inputs.
@@ -151,24 +155,29 @@ def _check_readable_file(path: str) -> None:
         ) from None
 
 
-def _check_image(image: "nib.spatialimages.SpatialImage", name: str) -> None:
-    """Refuse, from the header alone and before any voxel is decoded, an image that cannot become a volume."""
+def _check_image(
+    image: "nib.spatialimages.SpatialImage",
+    name: str,
+    frames: str | int = "error",
+    volume_channels: int | None = None,
+) -> None:
+    """Refuse, from the header alone and before any voxel is decoded, an image that cannot become a volume.
+    `frames` and `volume_channels` are those of `load_volume`."""
     shape = tuple(int(n) for n in image.shape)
-    if len(shape) == 4 and shape[3] > 1:
-        raise InvalidVolumeError(
-            f"{name} is a 4-D volume with {shape[3]} frames (shape {shape}); only 3-D volumes and single-frame 4-D "
-            "files are supported. Split the frames into separate 3-D files.",
-            "multi-frame",
-        )
     if len(shape) not in (3, 4):
-        raise InvalidVolumeError(f"{name} has shape {shape}; expected a 3-D volume (H, W, D).", "wrong shape")
+        raise InvalidVolumeError(
+            f"{name} has shape {shape}; expected a 3-D volume (H, W, D) or a 4-D file of frames (H, W, D, frames).",
+            "wrong shape",
+        )
     if min(shape) < 1:
         raise InvalidVolumeError(
             f"{name}: its header gives shape {shape}, with a zero-length axis, so it holds no voxels; the dim field "
             "is damaged or the file was written empty. Re-export the scan.",
             "empty",
         )
-    voxels = math.prod(shape)
+    if len(shape) == 4 and shape[3] > 1:
+        _check_frames(shape, name, frames, volume_channels)
+    voxels = math.prod(shape)  # all frames: the whole file is decoded, once, whatever `frames` keeps
     if voxels > MAX_VOXELS:
         raise InvalidVolumeError(
             f"{name}: its header gives shape {shape}, {_size_in_words(voxels)}, more than MAX_VOXELS = "
@@ -198,14 +207,58 @@ def _check_image(image: "nib.spatialimages.SpatialImage", name: str) -> None:
         )
 
 
-def _ras_voxels(image: "nib.spatialimages.SpatialImage", name: str) -> tuple[torch.Tensor, tuple[float, ...]]:
-    """Decode a 3-D (or single-frame 4-D) image once as float32 and reorder its voxels to RAS+.
+def _check_frames(shape: tuple[int, ...], name: str, frames: str | int, volume_channels: int | None) -> None:
+    """Refuse a file of `shape[3] > 1` frames that the policy `frames` cannot turn into one volume."""
+    count = shape[3]
+    if frames == "error":
+        raise InvalidVolumeError(
+            f"{name} is a 4-D volume with {count} frames (shape {shape}), and the volume processor's frames='error' "
+            "(the default) refuses several frames. Choose what they become with UmbrellaVolumeProcessor(frames=...): "
+            f"'mean' (their mean), 'first', an index such as 0 (-1 for the last), or 'channels' (one channel per "
+            f"frame, with volume_channels={count}); or split the frames into separate 3-D files.",
+            "multi-frame",
+        )
+    if frames == "channels" and volume_channels is not None and count != volume_channels:
+        raise InvalidVolumeError(
+            f"{name} has {count} frames (shape {shape}), but frames='channels' needs as many frames as "
+            f"volume_channels={volume_channels}. Set volume_channels={count} (and the model's), or choose "
+            "frames='mean', 'first' or an index.",
+            "wrong channels",
+        )
+    if isinstance(frames, int) and not -count <= frames < count:
+        raise InvalidVolumeError(
+            f"{name} has {count} frames (shape {shape}), so frames={frames} is out of range; choose an index from 0 "
+            f"to {count - 1}, or from -{count} to -1 to count from the last frame.",
+            "frame out of range",
+        )
+
+
+def _take_frames(data: "np.ndarray", frames: str | int) -> "np.ndarray":
+    """What the frames of decoded voxels `(H, W, D, T)` become under `frames` (already checked against T), as
+    `(C, H, W, D)`: C = T for `"channels"`, else 1. A single frame (T = 1) is the volume under every policy."""
+    if data.shape[3] == 1 or frames == "channels":
+        return np.moveaxis(data, 3, 0)
+    if frames == "mean":  # summed in float64 for long runs; numpy casts in chunks, so no float64 copy of all frames
+        return data.mean(axis=3, dtype=np.float64).astype(np.float32)[None]
+    index = 0 if frames == "first" else frames
+    return data[None, ..., index]
+
+
+def _ras_voxels(
+    image: "nib.spatialimages.SpatialImage",
+    name: str,
+    frames: str | int = "error",
+    volume_channels: int | None = None,
+) -> tuple[torch.Tensor, tuple[float, ...]]:
+    """Decode a 3-D or 4-D image once as float32, take its frames as `frames` says, and reorder its voxels to RAS+
+    (every frame by the same flips and permutation, from the one affine).
 
     Returns:
-        The voxels `(H, W, D)` with H running Left→Right, W Posterior→Anterior, D Inferior→Superior, and the voxel
-        spacing along (H, W, D) in mm, from the affine's column norms.
+        The voxels `(C, H, W, D)` with H running Left→Right, W Posterior→Anterior, D Inferior→Superior (C is the
+        frame count for `frames="channels"`, else 1), and the voxel spacing along (H, W, D) in mm, from the
+        affine's column norms.
     """
-    _check_image(image, name)
+    _check_image(image, name, frames, volume_channels)
     shape = tuple(image.shape)
     orientation = nib.orientations.io_orientation(image.affine)
     if np.isnan(orientation).any():
@@ -219,36 +272,46 @@ def _ras_voxels(image: "nib.spatialimages.SpatialImage", name: str) -> tuple[tor
             f"Could not decode the voxels of {name} (truncated or damaged file?): {type(err).__name__}: {err}",
             "undecodable voxels",
         ) from err
-    voxels = torch.from_numpy(data.reshape(shape[:3]))
+    voxels = torch.from_numpy(_take_frames(data.reshape(*shape[:3], -1), frames))  # (C, H, W, D), as stored
 
     # Input axis i becomes RAS axis orientation[i, 0], reversed where orientation[i, 1] is -1.
-    flipped_axes = [axis for axis, (_, sign) in enumerate(orientation) if sign < 0]
+    flipped_axes = [axis + 1 for axis, (_, sign) in enumerate(orientation) if sign < 0]
     if flipped_axes:
         voxels = voxels.flip(flipped_axes)
     ras_order = [int(axis) for axis in orientation[:, 0].argsort()]
-    voxels = voxels.permute(ras_order)
+    voxels = voxels.permute(0, *[axis + 1 for axis in ras_order])
     spacing = nib.affines.voxel_sizes(image.affine)
     return voxels, tuple(float(spacing[axis]) for axis in ras_order)
 
 
-def load_volume(source: VolumeInput) -> tuple[torch.Tensor, tuple[float, float, float] | None]:
+def load_volume(
+    source: VolumeInput, frames: str | int = "error", volume_channels: int | None = None
+) -> tuple[torch.Tensor, tuple[float, float, float] | None]:
     """Read one volume as a float32 tensor `(C, H, W, D)`, in RAS+ voxel order where the source has an affine.
 
     Args:
         source: a `.nii` / `.nii.gz` path (`str` or `os.PathLike`), a nibabel image, or a numpy array / torch
             tensor of shape `(H, W, D)` or channel-first `(C, H, W, D)`. Arrays and tensors carry no geometry: they
             are taken as already RAS+ and already at the processor's voxel spacing.
+        frames: what the frames of a file or nibabel image `(H, W, D, T)` with T > 1 become (see
+            `UmbrellaVolumeProcessor`): `"error"`, `"mean"`, `"first"`, an int index (negative counts from the
+            last frame) or `"channels"`. Arrays and tensors are unaffected.
+        volume_channels: with `frames="channels"`, the frame count a file must have (checked from its header);
+            `None` accepts any.
 
     Returns:
-        `(volume, spacing)`: the volume `(C, H, W, D)` float32 on the CPU (C is 1 for files), and the voxel spacing
-        along (H, W, D) in mm, or `None` for arrays and tensors. The tensor is always a fresh copy (the caller may
-        change it in place) and may be strided rather than contiguous.
+        `(volume, spacing)`: the volume `(C, H, W, D)` float32 on the CPU (C is 1 for files, or their frame count
+        with `frames="channels"`), and the voxel spacing along (H, W, D) in mm, or `None` for arrays and tensors.
+        The tensor is always a fresh copy (the caller may change it in place) and may be strided rather than
+        contiguous.
 
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError, OSError, ImportError: see `load_nifti`.
-        InvalidVolumeError: naming the source, for anything wrong with what it holds (see `_check_image`: a
-            multi-frame 4-D file, a shape that is neither 3-D nor 4-D, a zero-length axis, more than `MAX_VOXELS`,
-            RGB or complex voxels, a non-finite affine), and for any other failure of the decoder.
+        InvalidVolumeError: naming the source, for anything wrong with what it holds (see `_check_image`: several
+            frames that `frames` refuses or cannot index, a frame count other than `volume_channels` with
+            `frames="channels"`, a shape that is neither 3-D nor 4-D, a zero-length axis, more than `MAX_VOXELS`
+            (all frames counted), RGB or complex voxels, a non-finite affine), and for any other failure of the
+            decoder.
         TypeError: for any other kind of source.
     """
     name = describe_source(source)
@@ -256,8 +319,7 @@ def load_volume(source: VolumeInput) -> tuple[torch.Tensor, tuple[float, float, 
         if isinstance(source, (str, os.PathLike)):
             source = load_nifti(source)
         if nib is not None and isinstance(source, nib.spatialimages.SpatialImage):
-            voxels, spacing = _ras_voxels(source, name)
-            return voxels.unsqueeze(0), spacing
+            return _ras_voxels(source, name, frames, volume_channels)
     except (InvalidVolumeError, OSError, ImportError):
         raise
     except Exception as err:  # whatever else a decoder raises, so that the file is always named
@@ -483,6 +545,7 @@ class UmbrellaVolumeKwargs(ImagesKwargs, total=False):
     normalization: str
     clip_percentiles: list[float] | tuple[float, ...] | None
     allow_blank_volumes: bool
+    frames: str | int
 
 
 def _mm(values: Sequence[float]) -> str:
@@ -505,6 +568,25 @@ def _as_percentiles(value: Sequence[float] | None) -> list[float] | None:
     if len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100:
         raise ValueError(f"`clip_percentiles` must be (low, high) with 0 <= low < high <= 100 or None, got {value}.")
     return percentiles
+
+
+def _as_frames(value: str | int, volume_channels: int) -> str | int:
+    if isinstance(value, str) and value in FRAME_POLICIES:
+        policy = value
+    elif isinstance(value, str) or isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(
+            f"`frames` must be one of {FRAME_POLICIES} or an int frame index (negative counts from the last frame, "
+            f"as in Python), got {value!r}; for example frames='mean', or frames=0 for the first frame."
+        )
+    else:
+        policy = operator.index(value)  # numpy ints too; saved as a plain int
+    if policy == "channels" and volume_channels == 1:
+        raise ValueError(
+            "`frames='channels'` makes each frame of a 4-D file a channel, so it needs `volume_channels` equal to "
+            "the files' frame count, not 1; set volume_channels (and the model's), or choose frames='mean', 'first' "
+            "or an index."
+        )
+    return policy
 
 
 class UmbrellaVolumeProcessor(BaseImageProcessor):
@@ -535,11 +617,20 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
             A blank volume (a channel all NaN/±Inf or all one value, or a file whose field of view resampling to
             `voxel_spacing` collapses to one voxel along an axis) holds no image, so by default it is an
             [`InvalidVolumeError`] naming it. With `True` it is preprocessed as zeros, with a warning naming it.
+        frames (`str` or `int`, defaults to `"error"`):
+            What a file (or nibabel image) of several frames `(H, W, D, T)` becomes, such as an fMRI run, a diffusion
+            series or a multi-echo scan: `"error"` refuses it, naming the file; `"mean"` takes the mean over the
+            frames; `"first"` frame 0; an int takes that frame, negative counting from the last as in Python (-1 is
+            the last; out of range is an error naming the file and its frame count); `"channels"` makes the T frames
+            the channels of one volume, for `volume_channels == T` (another T is an error naming both). Frames are
+            chosen on the decoded voxels, before the one reorientation to RAS+ that every frame shares. 3-D files and
+            4-D files of one frame are one volume whatever this says; arrays and tensors are unaffected.
 
     NaN and ±Inf voxels are set to 0 before anything else: the output is always finite.
 
     Raises:
-        ValueError: at construction, for a bad option.
+        ValueError: at construction, for a bad option (`frames` not a policy or an int, or `"channels"` with
+            `volume_channels=1`).
         InvalidVolumeError: at call time, naming the volume, for a volume with another channel count than
             `volume_channels`, a blank volume (unless allowed), a resampled size over `MAX_VOXELS`, or anything
             `load_volume` refuses.
@@ -559,6 +650,7 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
         normalization: str = DEFAULT_NORMALIZATION,
         clip_percentiles: Sequence[float] | None = (0.5, 99.5),
         allow_blank_volumes: bool = False,
+        frames: str | int = "error",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -572,6 +664,7 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
         self.normalization = normalization
         self.clip_percentiles = _as_percentiles(clip_percentiles)
         self.allow_blank_volumes = bool(allow_blank_volumes)
+        self.frames = _as_frames(frames, self.volume_channels)
 
     def preprocessing_options(self) -> dict[str, Any]:
         """The options that decide the output of `preprocess_volume`, JSON-serialisable."""
@@ -582,6 +675,7 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
             "normalization": self.normalization,
             "clip_percentiles": self.clip_percentiles,
             "allow_blank_volumes": self.allow_blank_volumes,
+            "frames": self.frames,
         }
 
     def preprocess_volume(self, source: VolumeInput) -> torch.Tensor:
@@ -595,11 +689,12 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
             float32 tensor `(C, H, W, D)` = `(volume_channels, *volume_size)`, finite, normalised.
         """
         name = describe_source(source)
-        volume, spacing = load_volume(source)
+        volume, spacing = load_volume(source, self.frames, self.volume_channels)
         if volume.shape[0] != self.volume_channels:
             raise InvalidVolumeError(
                 f"{name} has {volume.shape[0]} channel(s) but this processor expects "
-                f"volume_channels={self.volume_channels}; arrays and tensors are read channel-first (C, H, W, D).",
+                f"volume_channels={self.volume_channels}; arrays and tensors are read channel-first (C, H, W, D), "
+                "and a file gives one channel (or, with frames='channels', one per frame).",
                 "wrong channels",
             )
         blank = blank_reason(volume)
