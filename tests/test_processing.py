@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import run_without_package
+from transformers import ProcessorMixin
 
 from umbrella_llava.image_processing_umbrella_llava import UmbrellaVolumeProcessor
 from umbrella_llava.processing_umbrella_llava import UmbrellaLlavaProcessor
@@ -169,3 +170,104 @@ def test_save_and_load_with_trust_remote_code_without_the_package_gives_the_same
     for key, value in expected.items():
         assert torch.equal(remote[key], value), key
     assert remote["prompt"] == "<|im_start|>user\n<image>\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# transformers gained placeholder-aware assistant masks (`_adjust_assistant_masks_indices`) after 5.17.
+SHIFTS_ASSISTANT_MASKS = hasattr(ProcessorMixin, "_adjust_assistant_masks_indices")
+
+
+def conversation_with_volumes(paths: list, answers: tuple[str, str] = ("The left one.", "Same.")) -> list[dict]:
+    """Two user turns sharing `paths` (the first all but the last, the second the last) and two assistant answers."""
+    first, second = paths[:-1], paths[-1:]
+    return [
+        {"role": "system", "content": "You read brain MRI."},
+        {
+            "role": "user",
+            "content": [*({"type": "image", "path": str(p)} for p in first), {"type": "text", "text": "Which?"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": answers[0]}]},
+        {
+            "role": "user",
+            "content": [*({"type": "image", "path": str(p)} for p in second), {"type": "text", "text": "And?"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": answers[1]}]},
+    ]
+
+
+def test_unstructured_kwargs_reach_the_volume_processor_and_the_tokenizer(tiny_processor, mni_t1_path):
+    # transformers' ProcessorTesterMixin.test_unstructured_kwargs: flat keywords are routed by `_merge_kwargs`.
+    prompt, images = "<image>\nT1?", [[mni_t1_path]]
+    batch = tiny_processor(
+        text=prompt, images=images, voxel_spacing=4.0, normalization="minmax", padding="max_length", max_length=24
+    )
+    expected = UmbrellaVolumeProcessor(volume_size=16, voxel_spacing=4.0, normalization="minmax")([[mni_t1_path]])
+    torch.testing.assert_close(batch["pixel_values"], expected["pixel_values"], rtol=0, atol=0)
+    default = tiny_processor(text=prompt, images=images)["pixel_values"]
+    assert not torch.equal(batch["pixel_values"], default)
+    assert len(batch["input_ids"][0]) == 24
+
+
+def test_structured_kwargs_nested(tiny_processor, mni_t1_path):
+    # transformers' ProcessorTesterMixin.test_structured_kwargs_nested: options grouped per modality.
+    batch = tiny_processor(
+        text="<image>\nT1?",
+        images=[[mni_t1_path]],
+        images_kwargs={"clip_percentiles": [2.0, 98.0], "normalization": "none"},
+        text_kwargs={"padding": "max_length", "max_length": 24},
+        return_tensors="pt",
+    )
+    expected = UmbrellaVolumeProcessor(volume_size=16, clip_percentiles=[2.0, 98.0], normalization="none")(
+        [[mni_t1_path]]
+    )
+    torch.testing.assert_close(batch["pixel_values"], expected["pixel_values"], rtol=0, atol=0)
+    assert batch["input_ids"].shape == (1, 24)
+
+
+def test_flat_list_of_volumes_is_dealt_out_by_each_texts_placeholders(tiny_processor, mni_volume_paths):
+    # As LLaVA deals a flat list of images out to a batch of texts (the image-text-to-text pipeline passes one).
+    t1, gm, wm = (mni_volume_paths[name] for name in ("T1", "GM", "WM"))
+    texts = ["<image><image> two", "<image> one", "none"]
+    flat = tiny_processor(text=texts, images=[t1, gm, wm], padding=True, return_tensors="pt")
+    nested = tiny_processor(text=texts, images=[[t1, gm], [wm], []], padding=True, return_tensors="pt")
+    assert flat["num_images_per_sample"].tolist() == [2, 1, 0]
+    for key, value in nested.items():
+        assert torch.equal(flat[key], value), key
+
+
+@pytest.mark.skipif(not SHIFTS_ASSISTANT_MASKS, reason="transformers 5.17's apply_chat_template ignores the expansion")
+@pytest.mark.parametrize("num_volumes", [0, 1, 3])
+def test_apply_chat_template_assistant_mask(tiny_processor, mni_volume_paths, num_volumes):
+    # transformers' ProcessorTesterMixin.test_apply_chat_template_assistant_mask, with volumes expanded into blocks.
+    from umbrella_llava.data import tokenize_conversation
+
+    paths = [mni_volume_paths[name] for name in ("T1", "GM", "WM")][:num_volumes]
+    messages = conversation_with_volumes(paths) if paths else conversation_with_volumes(["x"])
+    if not paths:  # text only: no image items at all
+        messages = [
+            {**m, "content": [c for c in m["content"] if c.get("type") != "image"]} if m["role"] == "user" else m
+            for m in messages
+        ]
+    out = tiny_processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    mask = out["assistant_masks"][0].bool()
+    assert (out["input_ids"][0] == tiny_processor.image_token_id).sum() == 8 * num_volumes
+    marked = tiny_processor.tokenizer.decode(out["input_ids"][0][mask])
+    assert marked == "The left one.<|im_end|>Same.<|im_end|>"
+    # The same tokens that the package's own turn-masked labels train on.
+    input_ids, labels = tokenize_conversation(tiny_processor, messages)
+    assert torch.equal(out["input_ids"][0], input_ids)
+    assert torch.equal(mask, labels != -100)
+
+
+@pytest.mark.skipif(SHIFTS_ASSISTANT_MASKS, reason="this transformers shifts the assistant spans past each expansion")
+def test_apply_chat_template_assistant_mask_with_volumes_is_refused_where_it_would_be_wrong(
+    tiny_processor, mni_t1_path
+):
+    with pytest.raises(NotImplementedError, match="needs a newer transformers"):
+        tiny_processor.apply_chat_template(
+            conversation_with_volumes([mni_t1_path]),
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )

@@ -4,10 +4,11 @@ This file travels to the Hub as remote code: it imports only the standard librar
 `AutoProcessor.from_pretrained(..., trust_remote_code=True)` works without the umbrella_llava package.
 """
 
+import json
 from typing import Any
 
 import torch
-from transformers import BatchFeature, ProcessorMixin
+from transformers import ProcessorMixin
 
 from .image_processing_umbrella_llava import _as_batch
 
@@ -68,6 +69,14 @@ class UmbrellaLlavaProcessor(ProcessorMixin):
         image_token (`str`, *optional*, defaults to `"<image>"`):
             The placeholder, used only when the tokenizer has no `image_token` attribute.
 
+    Calling it, `processor(text=..., images=..., **kwargs)` (`ProcessorMixin.__call__`), takes one string per sample,
+    with one placeholder per volume, and `images` as one list of volumes per sample (paths, nibabel images, arrays,
+    tensors; a list may be empty), or for one sample a volume or a flat list. Volume options (`voxel_spacing`,
+    `normalization`, ... or `images_kwargs={...}`) reach the volume processor, the rest the tokenizer. It returns
+    `input_ids (B, L)`, `attention_mask (B, L)` and, when a sample has volumes, `pixel_values (B, N, C, H, W, D)`,
+    `image_mask (B, N)` and `num_images_per_sample (B,)`; a sample whose placeholders and volumes disagree in number,
+    or a truncation through an image-token block, is a `ValueError` naming the sample.
+
     Raises:
         ValueError: if `image_seq_length` is not a positive int, or if the tokenizer does not hold the image
             placeholder as a single token.
@@ -108,48 +117,49 @@ class UmbrellaLlavaProcessor(ProcessorMixin):
 
     def expand_image_placeholders(self, text: str) -> str:
         """Replace every image placeholder in `text` by its image-token block (`image_seq_length` image tokens)."""
-        return text.replace(self.image_token, self.image_token * self.image_seq_length)
+        return text.replace(self.image_token, self.replace_image_token({}, 0))
 
-    def __call__(
-        self,
-        images: Any = None,
-        text: str | list[str] | None = None,
-        return_tensors: str | None = None,
-        **kwargs,
-    ) -> BatchFeature:
-        r"""
-        Tokenize `text` with every image placeholder expanded and preprocess the volumes of each sample.
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The image-token block of one volume: every volume gives `image_seq_length` tokens, whatever its source."""
+        return self.image_token * self.image_seq_length
 
-        Args:
-            images:
-                One list of volumes per sample (paths, nibabel images, arrays or tensors; a list may be empty). For a
-                single sample, a flat list of volumes or one volume is accepted too.
-            text (`str` or `list[str]`):
-                One string per sample, holding one image placeholder per volume of that sample, in order.
-            return_tensors (`str`, *optional*):
-                `"pt"` for torch tensors.
-            **kwargs:
-                Passed to the tokenizer (`padding`, `truncation`, `max_length`, `pad_to_multiple_of`, ...).
+    # `ProcessorMixin.__call__` does the rest: it routes keywords (`_merge_kwargs`: the volume options of
+    # `UmbrellaVolumeKwargs` to the volume processor, the rest to the tokenizer), expands each placeholder by
+    # `replace_image_token` and records where (so that `apply_chat_template(..., return_assistant_tokens_mask=True)`
+    # marks the assistant's tokens). The hooks below differ from LLaVA's only where volumes differ from 2-D images:
+    # they are grouped per sample, read by the volume processor rather than fetched as PIL images, and counted per
+    # sample.
 
-        Returns:
-            [`BatchFeature`] with `input_ids (B, L)`, `attention_mask (B, L)` and, when a sample has volumes,
-            `pixel_values (B, N, C, H, W, D)`, `image_mask (B, N)` and `num_images_per_sample (B,)`.
+    def prepare_inputs_layout(self, images: Any = None, text: str | list[str] | None = None, **kwargs):
+        """Text as a list of samples and `images` as one list of volumes per sample, nothing read yet.
 
-        Raises:
-            ValueError: if a sample's placeholders and volumes disagree in number (naming the sample and both
-                counts), or if truncation would cut an image-token block.
+        `images` may be one volume, a flat list of volumes or one list per sample (see `_as_batch`). A flat list
+        beside several texts is dealt out by each text's placeholder count, in order, as LLaVA deals out a flat list
+        of images.
         """
         if text is None:
             raise ValueError(f"{type(self).__name__} needs `text`; use the image processor alone for volumes only.")
         texts = [text] if isinstance(text, str) else list(text)
-        volumes_per_sample = _as_batch(images) if images is not None else [[] for _ in texts]
-        if len(volumes_per_sample) != len(texts):
+        if images is None:
+            return None, texts, None, None
+        volumes_per_sample = _as_batch(images)
+        counts = [sample.count(self.image_token) for sample in texts]
+        if len(volumes_per_sample) == 1 and len(texts) > 1 and len(volumes_per_sample[0]) == sum(counts):
+            flat, volumes_per_sample = volumes_per_sample[0], []
+            for count in counts:
+                volumes_per_sample.append(flat[:count])
+                flat = flat[count:]
+        return volumes_per_sample, texts, None, None
+
+    def validate_inputs(self, images: Any = None, text: list[str] | None = None, **kwargs) -> None:
+        """Each sample's placeholders and volumes must agree in number (the base class checks only the totals)."""
+        volumes_per_sample = images if images is not None else [[] for _ in text]
+        if len(volumes_per_sample) != len(text):
             raise ValueError(
-                f"Got {len(texts)} texts but {len(volumes_per_sample)} lists of volumes; pass one list of volumes per "
+                f"Got {len(text)} texts but {len(volumes_per_sample)} lists of volumes; pass one list of volumes per "
                 "sample (an empty list for a sample without volumes)."
             )
-
-        for index, (sample_text, volumes) in enumerate(zip(texts, volumes_per_sample)):
+        for index, (sample_text, volumes) in enumerate(zip(text, volumes_per_sample)):
             num_placeholders = sample_text.count(self.image_token)
             if num_placeholders != len(volumes):
                 raise ValueError(
@@ -157,21 +167,41 @@ class UmbrellaLlavaProcessor(ProcessorMixin):
                     f"{len(volumes)} volumes; each volume needs exactly one placeholder."
                 )
 
-        text_inputs = self.tokenizer([self.expand_image_placeholders(t) for t in texts], **kwargs)
-        for index, (input_ids, volumes) in enumerate(zip(text_inputs["input_ids"], volumes_per_sample)):
-            num_image_tokens = sum(token == self.image_token_id for token in input_ids)
-            if num_image_tokens != len(volumes) * self.image_seq_length:
+    def _process_images(self, images: list[list[Any]], **kwargs) -> tuple[dict[str, Any], list[str]]:
+        """Preprocess the volumes of every sample and give one image-token block per volume, in order. A batch
+        without any volume is text-only: no volume inputs at all (see `drop_volume_inputs_without_volumes`)."""
+        processed = drop_volume_inputs_without_volumes(dict(self.image_processor(images, **kwargs)))
+        num_volumes = sum(len(volumes) for volumes in images)
+        return processed, [self.replace_image_token(processed, index) for index in range(num_volumes)]
+
+    def _check_special_mm_tokens(self, text: list[str], text_inputs: Any, modalities: list[str]) -> None:
+        """Refuse a truncation that cut an image-token block, naming the sample and both counts."""
+        for index, (sample_text, input_ids) in enumerate(zip(text, text_inputs["input_ids"])):
+            expected = sample_text.count(self.image_token)
+            num_image_tokens = sum(int(token) == self.image_token_id for token in input_ids)
+            if num_image_tokens != expected:
                 raise ValueError(
-                    f"Sample {index} keeps {num_image_tokens} image tokens after tokenization, but its {len(volumes)} "
-                    f"volumes need {len(volumes) * self.image_seq_length}; truncation cut an image-token block. "
-                    "Raise `max_length` or shorten the text."
+                    f"Sample {index} keeps {num_image_tokens} image tokens after tokenization, but its "
+                    f"{expected // self.image_seq_length} volumes need {expected}; truncation cut an image-token "
+                    "block. Raise `max_length` or shorten the text."
                 )
 
-        features = dict(text_inputs)
-        if images is not None:
-            features.update(self.image_processor(volumes_per_sample, return_tensors="pt"))
-            features = drop_volume_inputs_without_volumes(features)
-        return BatchFeature(features, tensor_type=return_tensors)
+    if not hasattr(ProcessorMixin, "_adjust_assistant_masks_indices"):
+        # transformers 5.17 builds the assistant mask from token offsets into the text with every placeholder
+        # already expanded, but from character spans of the text before expansion, so with a volume it marks the
+        # wrong tokens (stock LLaVA too). Refuse rather than train on a wrong mask; newer 5.x shift the spans.
+
+        def apply_chat_template(self, conversation, *args, return_assistant_tokens_mask: bool = False, **kwargs):
+            serialized = json.dumps(conversation, default=str)
+            if return_assistant_tokens_mask and ('"type": "image"' in serialized or self.image_token in serialized):
+                raise NotImplementedError(
+                    "return_assistant_tokens_mask=True with volumes needs a newer transformers 5.x: this version "
+                    "marks the wrong tokens once an image placeholder is expanded. Upgrade transformers, or build "
+                    "turn-masked labels with umbrella_llava.data.ConversationDataset."
+                )
+            return super().apply_chat_template(
+                conversation, *args, return_assistant_tokens_mask=return_assistant_tokens_mask, **kwargs
+            )
 
 
 __all__ = ["UmbrellaLlavaProcessor", "DEFAULT_CHAT_TEMPLATE", "drop_volume_inputs_without_volumes"]
