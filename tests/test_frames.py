@@ -1,6 +1,7 @@
 """`UmbrellaVolumeProcessor(frames=...)`: what a real 4-D NIfTI becomes under each policy, checked against the same
-voxels written as 3-D files; the errors; saving, caching, per-call overrides."""
+voxels written as 3-D files; the errors; saving, caching, per-call overrides and the preview."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,53 @@ def test_per_call_override_and_other_overrides_keep_frames():
     assert processor.frames == "mean" and not torch.equal(mean, first)
     with pytest.raises(ValueError, match="`frames` must be one of"):
         processor([str(EXAMPLE_4D)], frames="median")
+
+
+# --- the preview --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def preview_titles(monkeypatch) -> list[str | None]:
+    """The titles that the preview draws above its planes."""
+    from umbrella_llava import preview
+
+    titles = []
+    render = preview.render_preview
+
+    def recording_render(volume, title=None):
+        titles.append(title)
+        return render(volume, title=title)
+
+    monkeypatch.setattr(preview, "render_preview", recording_render)
+    return titles
+
+
+def test_preview_names_the_frame_policy_it_applied(preview_titles, tmp_path):
+    from umbrella_llava.preview import save_preview
+
+    save_preview(EXAMPLE_4D, tmp_path / "mean.png", UmbrellaVolumeProcessor(volume_size=SIZE, frames="mean"))
+    save_preview(EXAMPLE_4D, tmp_path / "last.png", UmbrellaVolumeProcessor(volume_size=SIZE, frames=-1))
+    assert preview_titles == [
+        "example4d.nii.gz\nframes='mean': the mean of its 2 frames",
+        "example4d.nii.gz\nframes=-1: frame 1 of its 2 (counting from 0)",
+    ]
+
+
+def test_preview_command_takes_frames(preview_titles, tmp_path, capsys):
+    from umbrella_llava.preview import main
+
+    size = ["--volume_size", *map(str, SIZE)]
+    assert main([str(EXAMPLE_4D), "-o", str(tmp_path / "a.png"), *size, "--frames", "channels"]) == 0
+    assert "frames='channels': its 2 frames as 2 channels" in capsys.readouterr().out
+    assert main([str(EXAMPLE_4D), "-o", str(tmp_path / "b.png"), *size, "--frames", "0", "--title", "run 1"]) == 0
+    assert "frames=0: frame 0 of its 2" in capsys.readouterr().out
+    assert preview_titles == [
+        "example4d.nii.gz\nframes='channels': its 2 frames as 2 channels",
+        "run 1\nframes=0: frame 0 of its 2 (counting from 0)",
+    ]
+    with pytest.raises(SystemExit):
+        main([str(EXAMPLE_4D), "--frames", "median"])
+    assert "choose one of error, mean, first, channels or an int frame index" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="frames='error'"):
+        main([str(EXAMPLE_4D), "-o", str(tmp_path / "c.png"), *size])
+    assert not os.path.exists(tmp_path / "c.png")

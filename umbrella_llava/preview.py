@@ -4,7 +4,8 @@ From Python, `save_preview("sub-01_T1w.nii.gz", "preview.png")`; from the comman
 `umbrella-preview sub-01_T1w.nii.gz --output preview.png` (or `python -m umbrella_llava.preview ...`).
 
 The volume is drawn as the model sees it: after `UmbrellaVolumeProcessor` (RAS+ voxel order, resized, normalised).
-Each panel's edges carry the patient's directions (R/L, A/P, S/I), and the colour bar shows the intensity range.
+Each panel's edges carry the patient's directions (R/L, A/P, S/I), and the colour bar shows the intensity range. For a
+4-D file, the title says what the processor's `frames` policy made of its frames (`--frames` on the command line).
 """
 
 import argparse
@@ -15,7 +16,13 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .image_processing_umbrella_llava import DEFAULT_NORMALIZATION, NORMALIZATIONS, UmbrellaVolumeProcessor
+from .image_processing_umbrella_llava import (
+    DEFAULT_NORMALIZATION,
+    FRAME_POLICIES,
+    NORMALIZATIONS,
+    UmbrellaVolumeProcessor,
+    load_nifti,
+)
 
 # Each plane of a RAS+ volume (H: L→R, W: P→A, D: I→S): the axis it cuts, and the directions at the
 # (left, right, bottom, top) edges of the panel, drawn with the first remaining axis horizontal and `origin="lower"`.
@@ -65,6 +72,24 @@ def render_preview(volume: torch.Tensor, title: str | None = None) -> Figure:
     return figure
 
 
+def frames_label(source, image_processor: UmbrellaVolumeProcessor) -> str | None:
+    """What `image_processor.frames` makes of `source`, a path or nibabel image of several frames, in words for the
+    title (e.g. "frames='mean': the mean of its 2 frames"); `None` for a 3-D file, an array or a tensor."""
+    if isinstance(source, (str, os.PathLike)):
+        source = load_nifti(source)  # the header only
+    shape = tuple(source.shape) if hasattr(source, "dataobj") else ()
+    if len(shape) != 4 or shape[3] == 1:
+        return None
+    count, frames = shape[3], image_processor.frames
+    if frames == "mean":
+        applied = f"the mean of its {count} frames"
+    elif frames == "channels":
+        applied = f"its {count} frames as {count} channels"
+    else:
+        applied = f"frame {0 if frames == 'first' else frames % count} of its {count} (counting from 0)"
+    return f"frames={frames!r}: {applied}"
+
+
 def save_preview(
     volume_or_path,
     png_path: str | os.PathLike,
@@ -79,21 +104,37 @@ def save_preview(
             is when `image_processor` is `None` (it is taken as already preprocessed), else preprocessed too.
         png_path: the PNG to write; its folder must exist.
         image_processor: the processor whose output to show.
-        title: a line above the planes; the file name when `None` and a path is given.
+        title: a line above the planes; the file name when `None` and a path is given. For a file of several
+            frames, a line saying what the processor's `frames` made of them follows (see `frames_label`).
 
     Returns:
         `png_path` as a string.
     """
     is_array = isinstance(volume_or_path, torch.Tensor) or hasattr(volume_or_path, "__array_interface__")
+    frames = None
     if is_array and image_processor is None:
         volume = torch.as_tensor(volume_or_path)
     else:
-        volume = (image_processor or UmbrellaVolumeProcessor()).preprocess_volume(volume_or_path)
+        image_processor = image_processor or UmbrellaVolumeProcessor()
+        volume = image_processor.preprocess_volume(volume_or_path)
+        frames = frames_label(volume_or_path, image_processor)
     if title is None and isinstance(volume_or_path, (str, os.PathLike)):
         title = os.path.basename(os.fspath(volume_or_path))
+    title = "\n".join(line for line in (title, frames) if line) or None
     figure = render_preview(volume, title=title)
     FigureCanvasAgg(figure).print_png(os.fspath(png_path))
     return os.fspath(png_path)
+
+
+def _frames_argument(value: str) -> str | int:
+    if value in FRAME_POLICIES:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"choose one of {', '.join(FRAME_POLICIES)} or an int frame index, not {value!r}"
+        ) from None
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -106,6 +147,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--volume_size", type=int, nargs=3, default=[96, 96, 96], metavar=("H", "W", "D"))
     parser.add_argument("--voxel_spacing", type=float, nargs=3, default=None, metavar=("H", "W", "D"), help="mm")
     parser.add_argument("--normalization", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZATION)
+    parser.add_argument(
+        "--frames",
+        type=_frames_argument,
+        default="error",
+        help=f"what the frames of a 4-D file become: one of {', '.join(FRAME_POLICIES)}, or a frame index (-1: the "
+        "last); 'channels' also sets the channel count to the frame count. Default: error",
+    )
     parser.add_argument("--title", default=None)
     return parser.parse_args(argv)
 
@@ -115,15 +163,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     name = os.path.basename(args.path)
     output = args.output or f"{name.removesuffix('.gz').removesuffix('.nii')}_preview.png"
+    volume_channels = 1
+    if args.frames == "channels":  # one channel per frame: as many channels as this file has frames
+        shape = load_nifti(args.path).shape
+        if len(shape) != 4 or shape[3] == 1:
+            raise SystemExit(f"umbrella-preview: {args.path} has shape {shape}, no frames to make channels of.")
+        volume_channels = shape[3]
     processor = UmbrellaVolumeProcessor(
-        volume_size=args.volume_size, voxel_spacing=args.voxel_spacing, normalization=args.normalization
+        volume_size=args.volume_size,
+        voxel_spacing=args.voxel_spacing,
+        normalization=args.normalization,
+        volume_channels=volume_channels,
+        frames=args.frames,
     )
     save_preview(args.path, output, image_processor=processor, title=args.title)
-    print(f"Wrote {output}")
+    frames = frames_label(args.path, processor)
+    print(f"Wrote {output}" + (f" ({frames})" if frames else ""))
     return 0
 
 
-__all__ = ["save_preview", "render_preview", "mid_planes", "main"]
+__all__ = ["save_preview", "render_preview", "mid_planes", "frames_label", "main"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
