@@ -123,6 +123,12 @@ def train_args(run_inputs, output_dir: Path, *extra: str, eval_data: bool = Fals
     return args + list(extra)
 
 
+def with_checkpoint(args: list[str], checkpoint: Path) -> list[str]:
+    args = list(args)
+    args[args.index("--model_name_or_path") + 1] = str(checkpoint)
+    return args
+
+
 def subprocess_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -326,6 +332,18 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+def with_embedder_noise(checkpoint: Path, folder: Path) -> Path:
+    """A copy of `checkpoint` (model and processor) whose 3-D embedder's weights have noise added."""
+    model = UmbrellaLlavaForConditionalGeneration.from_pretrained(checkpoint)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.model.vision_tower.embeddings.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(folder)
+    UmbrellaLlavaProcessor.from_pretrained(checkpoint).save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("train_mode", ["full", "lora"])
 def test_resume_from_checkpoint_continues_the_same_loss_curve(run_inputs, tmp_path, train_mode):
@@ -343,7 +361,11 @@ def test_resume_from_checkpoint_continues_the_same_loss_curve(run_inputs, tmp_pa
     interrupted.train()
     assert interrupted.state.global_step == 3 and (tmp_path / "b" / "checkpoint-3").is_dir()
 
-    resumed = main(train_args(run_inputs, tmp_path / "b", *common, "--resume_from_checkpoint", "last"))
+    # The resumed run starts from a model with another embedder: only the checkpoint's weights (the embedder trains
+    # in both modes) give the uninterrupted run's losses; starting afresh from this model would not.
+    start = with_embedder_noise(run_inputs["checkpoint"], tmp_path / "other_start")
+    args = with_checkpoint(train_args(run_inputs, tmp_path / "b", *common, "--resume_from_checkpoint", "last"), start)
+    resumed = main(args)
     losses = step_losses(resumed.state.log_history)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     torch.testing.assert_close(
@@ -368,11 +390,37 @@ def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+TEXT_ONLY_RECORD_2 = {
+    "id": "text-only-2",
+    "conversations": [{"from": "human", "value": "Say no."}, {"from": "gpt", "value": "No."}],
+}
+
+
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_forms_one_group_and_matches_one_process_with_the_double_batch(run_inputs, tmp_path):
     pytest.importorskip("peft")
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    # In order, 2 per process: process 0 takes records [0, 1] and [4, 5], process 1 takes [2, 3] and [6, 7]. So in
+    # the first step process 1 has a batch without any volume while process 0 has volumes.
+    records = [
+        single_volume_record(0, "t1.nii.gz", "Yes."),
+        single_volume_record(1, "gm.nii.gz", "No."),
+        TEXT_ONLY_RECORD,
+        TEXT_ONLY_RECORD_2,
+        single_volume_record(2, "wm.nii.gz", "No."),
+        comparison_record(0, "t1.nii.gz", "gm.nii.gz", "The first."),
+        comparison_record(1, "wm.nii.gz", "t1.nii.gz", "The second."),
+        single_volume_record(3, "t1.nii.gz", "Yes."),
+    ]
+    train = write_jsonl(run_inputs["root"] / "ddp_train.jsonl", records)
+    in_order = BatchSampler(SequentialSampler(records), batch_size=2, drop_last=False)
+    assert next(iter(BatchSamplerShard(in_order, num_processes=2, process_index=1))) == [2, 3]
+
     # LoRA: frozen base, wrapped embedder and projector, and a text-only batch, with find_unused_parameters=False.
     common = ("--train_mode", "lora", "--lora_r", "4", "--lora_dropout", "0", "--num_train_epochs", "1")
+    common += ("--train_data", str(train), "--train_sampling_strategy", "sequential")
     result = torchrun(train_args(run_inputs, tmp_path / "ddp", *common, eval_data=True), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "world_size=2, global batch 4" in result.stdout
@@ -412,12 +460,6 @@ def llava15_checkpoints(tmp_path_factory, tokenizer) -> dict[str, Path]:
         image_seq_length=config.image_seq_length,
     ).save_pretrained(root / "scratch")
     return {"converted": converted, "scratch": root / "scratch"}
-
-
-def with_checkpoint(args: list[str], checkpoint: Path) -> list[str]:
-    args = list(args)
-    args[args.index("--model_name_or_path") + 1] = str(checkpoint)
-    return args
 
 
 def test_full_training_freezes_the_vision_layers_whose_output_is_never_read(run_inputs, llava15_checkpoints, tmp_path):

@@ -8,6 +8,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from umbrella_llava import UmbrellaLlavaForConditionalGeneration
+from umbrella_llava.data import IGNORE_INDEX
 
 
 class BrightnessQuestions(Dataset):
@@ -37,7 +38,7 @@ class BrightnessQuestions(Dataset):
         answer = self.answers[bool(self.bright[i])]
         pad = self.length - len(self.prompt) - len(answer)
         input_ids = torch.tensor(self.prompt + answer + [self.tokenizer.pad_token_id] * pad)
-        labels = torch.tensor([-100] * len(self.prompt) + answer + [-100] * pad)
+        labels = torch.tensor([IGNORE_INDEX] * len(self.prompt) + answer + [IGNORE_INDEX] * pad)
         volume = self.noise[i] + (1.0 if self.bright[i] else -1.0)
         return {
             "input_ids": input_ids,
@@ -163,10 +164,10 @@ def test_no_split_modules_name_only_classes_in_the_model(tiny_model):
 def test_num_items_in_batch_reaches_the_loss(tmp_path, tiny_model):
     """The Trainer normalises the loss over gradient-accumulation steps through `num_items_in_batch` in **kwargs."""
     batch = make_batch(tiny_model.config, [2, 1])
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == tiny_model.config.image_token_id, -100)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == tiny_model.config.image_token_id, IGNORE_INDEX)
     with torch.no_grad():
         mean_loss = tiny_model(**batch, labels=labels).loss
-        tokens = int((labels[:, 1:] != -100).sum())
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
         summed = tiny_model(**batch, labels=labels, num_items_in_batch=torch.tensor(2 * tokens)).loss
     torch.testing.assert_close(summed, mean_loss / 2)
     trainer = Trainer(model=tiny_model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
