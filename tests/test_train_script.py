@@ -498,6 +498,14 @@ def test_multi_process_launch_without_use_cpu_on_a_cpu_machine_is_refused(run_in
     check_distributed_launch(training_args, environ={"WORLD_SIZE": "2"})
 
 
+def test_fsdp_on_cpus_is_refused_since_accelerate_would_silently_run_ddp(run_inputs, tmp_path):
+    # Seen with torchrun --nproc_per_node 2 ... --use_cpu --fsdp full_shard: the Trainer wrapped the model in
+    # DistributedDataParallel and each process held every parameter.
+    _, _, training_args = parse_arguments(train_args(run_inputs, tmp_path, "--fsdp", "full_shard"))
+    with pytest.raises(ValueError, match="--fsdp on CPUs: accelerate shards a model only on GPUs"):
+        check_distributed_launch(training_args, environ={"WORLD_SIZE": "2"})
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Generation accuracy
 # ---------------------------------------------------------------------------------------------------------------------

@@ -31,11 +31,21 @@ def check_distributed_launch(training_args: TrainingArguments, environ: dict[str
     says so. We raise instead of setting `use_cpu` ourselves: on a GPU machine, a missing accelerator usually means
     a broken driver or `CUDA_VISIBLE_DEVICES`, which should not silently become a CPU run.
 
+    FSDP on CPUs is refused too: accelerate shards only on accelerators (its `AcceleratorState` turns on FSDP for
+    multi-GPU/XPU/NPU/... runs, not for multi-CPU ones), so with `--use_cpu` the Trainer silently trains with DDP,
+    every process holding the whole model.
+
     Raises:
-        ValueError: if `WORLD_SIZE > 1`, no accelerator is visible and `use_cpu` is False.
+        ValueError: if `WORLD_SIZE > 1`, no accelerator is visible and `use_cpu` is False; or if `--fsdp` is asked
+            for a run on CPUs.
     """
     environ = os.environ if environ is None else environ
     world_size = int(environ.get("WORLD_SIZE", "1"))
+    if training_args.fsdp and (training_args.use_cpu or not _accelerator_available()):
+        raise ValueError(
+            "--fsdp on CPUs: accelerate shards a model only on GPUs (or other accelerators), so this run would train "
+            "with DDP, every process holding the whole model. Drop --fsdp (DDP is what runs), or run on GPUs."
+        )
     if world_size > 1 and not training_args.use_cpu and not _accelerator_available():
         raise ValueError(
             f"Launched with WORLD_SIZE={world_size} but no GPU or other accelerator is visible and --use_cpu is not "
