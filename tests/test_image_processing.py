@@ -343,3 +343,12 @@ def test_without_nibabel_arrays_work_and_a_path_is_a_clear_import_error(mni_t1_p
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_an_in_memory_image_is_not_changed_by_preprocessing():
+    """`load_volume` hands out a fresh copy: NaN voxels of the caller's own float32 array stay NaN."""
+    data = np.random.default_rng(0).random((12, 12, 12), dtype=np.float32)
+    data[0, 0, 0] = np.nan
+    before = data.copy()
+    UmbrellaVolumeProcessor(volume_size=(8, 8, 8)).preprocess_volume(nib.Nifti1Image(data, np.diag([2.0, 2, 2, 1])))
+    np.testing.assert_array_equal(data, before)

@@ -272,6 +272,9 @@ def _ras_voxels(
             f"Could not decode the voxels of {name} (truncated or damaged file?): {type(err).__name__}: {err}",
             "undecodable voxels",
         ) from err
+    if isinstance(image.dataobj, np.ndarray) and np.shares_memory(data, image.dataobj):
+        # A float32 image held in memory hands out its own array; later steps work in place on what they get.
+        data = data.copy()
     voxels = torch.from_numpy(_take_frames(data.reshape(*shape[:3], -1), frames))  # (C, H, W, D), as stored
 
     # Input axis i becomes RAS axis orientation[i, 0], reversed where orientation[i, 1] is -1.
