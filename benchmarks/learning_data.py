@@ -29,10 +29,16 @@ QUESTIONS = {
     "lesion_side": "Which hemisphere holds the lesion: left or right?",
     "which_lesion": "Which of the two scans shows a lesion: the first or the second?",
 }
-TASKS = {"global": ("map", "which_gm"), "local": ("lesion_side", "which_lesion")}
+TASKS = {
+    "global": ("map", "which_gm"),
+    "local": ("lesion_side", "which_lesion"),
+    "local-large": ("lesion_side", "which_lesion"),  # a diagnostic: the same questions, lesions 2.5x larger
+}
 CHANCE = {"map": 1 / 3, "which_gm": 1 / 2, "lesion_side": 1 / 2, "which_lesion": 1 / 2}
 MAX_SHIFT_VOXELS = 5
-LESION_DIAMETER_MM = (24.0, 32.0)
+LESION_DIAMETER_MM = {"local": (24.0, 32.0), "local-large": (60.0, 80.0)}
+# A lesion lies wholly inside the brain of its hemisphere up to this radius; a larger one is cut to the brain.
+MAX_INSIDE_RADIUS_MM = 16.0
 
 
 @dataclass(frozen=True)
@@ -61,22 +67,25 @@ def augment(data: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (data + rng.normal(0, 0.04 * peak, size=data.shape)).astype(np.float32)
 
 
-def add_lesion(t1: nib.Nifti1Image, brain: np.ndarray, side: str, rng: np.random.Generator) -> np.ndarray:
-    """The T1 voxels with a dark sphere of 2.4-3.2 cm inside the brain of hemisphere `side` ("left" / "right")."""
+def add_lesion(
+    t1: nib.Nifti1Image, brain: np.ndarray, side: str, diameter_mm: tuple[float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """The T1 voxels with a dark sphere of `diameter_mm` (low, high) in the brain of hemisphere `side`."""
     data = np.asarray(t1.dataobj, dtype=np.float32).copy()
     voxel_mm = nib.affines.voxel_sizes(t1.affine)
-    radius_mm = rng.uniform(*LESION_DIAMETER_MM) / 2
+    radius_mm = rng.uniform(*diameter_mm) / 2
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), axis=-1)
     x_mm = nib.affines.apply_affine(t1.affine, grid)[..., 0]
     in_side = (x_mm > 8) if side == "right" else (x_mm < -8)
-    # The centre lies deep enough in that hemisphere's brain for the whole sphere to be brain.
+    # The centre lies deep enough in that hemisphere's brain for the whole sphere (up to MAX_INSIDE_RADIUS_MM) to be
+    # brain; what a larger sphere has outside the hemisphere's brain is left as it is.
     inner = brain & in_side
     for axis in range(3):
-        margin = int(np.ceil(radius_mm / voxel_mm[axis]))
+        margin = int(np.ceil(min(radius_mm, MAX_INSIDE_RADIUS_MM) / voxel_mm[axis]))
         inner &= np.roll(brain, margin, axis) & np.roll(brain, -margin, axis)
     centre = grid[inner][rng.integers(inner.sum())]
     distance_mm = np.sqrt((((grid - centre) * voxel_mm) ** 2).sum(-1))
-    data[distance_mm <= radius_mm] = 0.15 * float(np.percentile(data[brain], 50))
+    data[(distance_mm <= radius_mm) & brain & in_side] = 0.15 * float(np.percentile(data[brain], 50))
     return data
 
 
@@ -106,7 +115,9 @@ def write_volumes(task: str, split: str, count: int, folder: Path, rng: np.rando
     brain = np.asarray(templates["grey matter"].dataobj) + np.asarray(templates["white matter"].dataobj) > 0.5
     for kind, side in (("lesion", "left"), ("lesion", "right"), ("healthy", None)):
         for i in range(count):
-            data = add_lesion(t1, brain, side, rng) if side else np.asarray(t1.dataobj, dtype=np.float32)
+            data = np.asarray(t1.dataobj, dtype=np.float32)
+            if side:
+                data = add_lesion(t1, brain, side, LESION_DIAMETER_MM[task], rng)
             path = folder / f"{split}-{kind}-{side or 'none'}-{i:03d}.nii.gz"
             _write(augment(data, rng), t1.affine, path, store_las=bool(i % 2))
             volumes.append(Volume(path.name, kind, side))

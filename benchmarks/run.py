@@ -9,6 +9,7 @@ Benchmarks (see BENCHMARKS.md for what each compares and its goal):
     memory            step peak memory at 1 / 2 / 4 / 8 volumes per sample, with and without checkpointing
     learning          steps until held-out accuracy reaches 0.9 on volume-only questions (median of 3 seeds), per
                       variant of the defaults, on real MNI152 brains (needs nilearn)
+    learning_local    why the local lesion task is not learnt: one change each, seed 0
 
 The GPU run is separate: `python -m benchmarks.gpu`.
 """
@@ -32,7 +33,7 @@ TABLE_COLUMNS = ["benchmark", "case", "metric", "value", "goal", "met", "ours_ms
 
 def _benchmarks() -> dict[str, Callable[..., list[dict]]]:
     from .data_pipeline import bench_data
-    from .learning import bench_learning
+    from .learning import bench_learning, bench_learning_local
     from .memory import bench_memory
     from .model_paths import bench_handwritten_loop, bench_padding, bench_stock_overhead
 
@@ -43,6 +44,7 @@ def _benchmarks() -> dict[str, Callable[..., list[dict]]]:
         "data": bench_data,
         "memory": bench_memory,
         "learning": bench_learning,
+        "learning_local": bench_learning_local,
     }
 
 
