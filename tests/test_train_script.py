@@ -420,7 +420,8 @@ def test_ddp_on_two_cpu_processes_forms_one_group_and_matches_one_process_with_t
 
     # LoRA: frozen base, wrapped embedder and projector, and a text-only batch, with find_unused_parameters=False.
     common = ("--train_mode", "lora", "--lora_r", "4", "--lora_dropout", "0", "--num_train_epochs", "1")
-    common += ("--train_data", str(train), "--train_sampling_strategy", "sequential")
+    common += ("--train_sampling_strategy", "sequential")
+    run_inputs = {**run_inputs, "train": train}
     result = torchrun(train_args(run_inputs, tmp_path / "ddp", *common, eval_data=True), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "world_size=2, global batch 4" in result.stdout
