@@ -13,7 +13,7 @@ import umbrella_llava
 from umbrella_llava import UmbrellaLlavaForConditionalGeneration, UmbrellaLlavaModel
 
 PACKAGE_DIR = Path(umbrella_llava.__file__).parent
-REMOTE_CODE_PREFIXES = ("configuration_", "modeling_", "processing_", "image_processing_")
+REMOTE_CODE_PREFIXES = ("configuration_", "modeling_", "processing_", "image_processing_", "pipeline_")
 ALLOWED_HARD_IMPORTS = {"torch", "transformers", "einops"}
 
 

@@ -48,6 +48,7 @@ REMOTE_CODE_FILES = (
     "modeling_umbrella_llava.py",
     "processing_umbrella_llava.py",
     "image_processing_umbrella_llava.py",
+    "pipeline_umbrella_llava.py",
 )
 # Files of a checkpoint folder that belong to the shared model; anything else (Trainer state, logs) stays local.
 UPLOAD_PATTERNS = (
@@ -60,6 +61,7 @@ UPLOAD_PATTERNS = (
     "modeling_*.py",
     "processing_*.py",
     "image_processing_*.py",
+    "pipeline_*.py",
     "processor_config.json",
     "preprocessor_config.json",
     "tokenizer.json",

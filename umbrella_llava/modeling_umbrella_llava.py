@@ -293,8 +293,12 @@ class UmbrellaLlavaPreTrainedModel(LlavaPreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Name every entry point in `auto_map`, not only this class's, so that a shared checkpoint loads through
-        # AutoConfig, AutoModel and AutoModelForImageTextToText alike.
+        # AutoConfig, AutoModel and AutoModelForImageTextToText alike; and the volume pipeline in `custom_pipelines`,
+        # for pipeline("image-text-to-text", model=folder, trust_remote_code=True). This import also saves its file.
+        from .pipeline_umbrella_llava import CUSTOM_PIPELINES
+
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
+        self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
