@@ -33,14 +33,19 @@ class UmbrellaLlavaConfig(LlavaConfig):
             Size (H, W, D) of one 3-D patch, in voxels. Must divide `volume_size` on every axis.
         volume_channels (`int`, defaults to 1):
             Channels per volume (1 for a single MRI contrast).
+        volume_merge_size (`tuple[int, int, int]`, defaults to `(1, 1, 1)`):
+            Neighbouring patch tokens (H, W, D) of the tower's output that are merged into one token, their average,
+            before the projector: the token budget of a volume. Must divide `volume_grid` on every axis. `(1, 1, 1)`
+            merges nothing.
 
     `image_seq_length`, the number of tokens one volume occupies in the text, is derived from these: one token per
-    patch, plus the class token where the tower has one and `vision_feature_select_strategy="full"` keeps it.
+    merged block of patches (`volume_num_patches / (mh * mw * md)`), plus the class token where the tower has one and
+    `vision_feature_select_strategy="full"` keeps it; the class token is never merged.
 
     Raises:
-        ValueError: if the patch does not divide the volume, if the vision tower is not one of
-            `SUPPORTED_VISION_MODELS`, or if `vision_feature_select_strategy="default"` would drop a patch token of a
-            tower that has no class token.
+        ValueError: if the patch does not divide the volume, if the merge size does not divide the patch grid, if
+            the vision tower is not one of `SUPPORTED_VISION_MODELS`, or if `vision_feature_select_strategy="default"`
+            would drop a patch token of a tower that has no class token.
     """
 
     model_type = "umbrella_llava"
@@ -49,6 +54,7 @@ class UmbrellaLlavaConfig(LlavaConfig):
     volume_size: list[int] | tuple[int, ...] = (96, 96, 96)
     volume_patch_size: list[int] | tuple[int, ...] = (16, 16, 16)
     volume_channels: int = 1
+    volume_merge_size: list[int] | tuple[int, ...] = (1, 1, 1)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -67,6 +73,18 @@ class UmbrellaLlavaConfig(LlavaConfig):
                 f"{tuple(self.volume_size)} ({'; '.join(not_divided)}). Resize the volumes or choose a patch size "
                 "that divides every axis."
             )
+        self.volume_merge_size = list(_as_triple(self.volume_merge_size, "volume_merge_size"))
+        not_merged = [
+            f"{axis}: {patches} % {merge} = {patches % merge}"
+            for axis, patches, merge in zip("HWD", self.volume_grid, self.volume_merge_size)
+            if patches % merge
+        ]
+        if not_merged:
+            raise ValueError(
+                f"volume_merge_size {tuple(self.volume_merge_size)} does not divide the patch grid "
+                f"{self.volume_grid} (volume_size / volume_patch_size; {'; '.join(not_merged)}). Choose a merge size "
+                "that divides every axis of the grid, or a volume or patch size whose grid it divides."
+            )
 
         vision_type = self.vision_config.model_type
         if vision_type not in SUPPORTED_VISION_MODELS:
@@ -81,7 +99,7 @@ class UmbrellaLlavaConfig(LlavaConfig):
             self.vision_config.vision_use_head = False
 
         keeps_class_token = self.volume_class_token and self.vision_feature_select_strategy == "full"
-        self.image_seq_length = self.volume_num_patches + int(keeps_class_token)
+        self.image_seq_length = self.volume_num_patches // self.volume_patches_per_token + int(keeps_class_token)
 
     @property
     def volume_grid(self) -> tuple[int, int, int]:
@@ -92,6 +110,12 @@ class UmbrellaLlavaConfig(LlavaConfig):
     def volume_num_patches(self) -> int:
         h, w, d = self.volume_grid
         return h * w * d
+
+    @property
+    def volume_patches_per_token(self) -> int:
+        """Patch tokens merged into one image token (mh * mw * md)."""
+        mh, mw, md = self.volume_merge_size
+        return mh * mw * md
 
     @property
     def volume_class_token(self) -> bool:

@@ -16,7 +16,7 @@ single-dot relative imports.
 """
 
 import torch
-from einops.layers.torch import Rearrange
+from einops.layers.torch import Rearrange, Reduce
 from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers import initialization as init
@@ -81,6 +81,64 @@ class UmbrellaVolumeEmbeddings(nn.Module):
             class_tokens = self.class_embedding(positions[:1]).expand(embeddings.shape[0], 1, -1)
             embeddings = torch.cat([class_tokens.to(embeddings.device), embeddings], dim=1)
         return embeddings + self.position_embedding(positions).to(embeddings.device)
+
+
+class UmbrellaVolumeMerger(nn.Module):
+    """Merges each `volume_merge_size` block of neighbouring patch tokens into one token, their average.
+
+    The tower's patch tokens come in the embedder's `(h w d)` order over the patch grid; each `mh × mw × md` block of
+    neighbours becomes one token, in `(h w d)` order over the coarser grid. A class token ahead of the patches (CLIP
+    with `vision_feature_select_strategy="full"`) is not a patch of the grid: it passes through unmerged and stays
+    first.
+
+    An average has no parameters and keeps the tower's scale (a block of identical tokens becomes that token), so the
+    projector of a converted checkpoint reads merged tokens on the scale it was trained on. At 2×2×2 it learnt the
+    learning benchmark as fast as Qwen2-VL's merger in 3-D (concatenation + MLP), without that MLP's
+    (mh·mw·md·C)² parameters (BENCHMARKS.md, "Token budget").
+    """
+
+    def __init__(self, config: UmbrellaLlavaConfig):
+        super().__init__()
+        _, grid_w, grid_d = config.volume_grid
+        merge_h, merge_w, merge_d = config.volume_merge_size
+        self.num_patches = config.volume_num_patches
+        self.block_average = Reduce(
+            "m (h mh w mw d md) c -> m (h w d) c",
+            "mean",
+            mh=merge_h, mw=merge_w, md=merge_d, w=grid_w // merge_w, d=grid_d // merge_d,
+        )  # fmt: skip
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            features: `(M, prefix + num_patches, C)` selected tower features, `prefix` 1 for a kept class token, else 0.
+
+        Returns:
+            `(M, prefix + num_patches / (mh * mw * md), C)`.
+        """
+        prefix = features.shape[1] - self.num_patches
+        if prefix not in (0, 1):
+            raise ValueError(
+                f"Expected {self.num_patches} patch tokens per volume (+1 class token), got {features.shape[1]}."
+            )
+        return torch.cat([features[:, :prefix], self.block_average(features[:, prefix:])], dim=1)
+
+
+class UmbrellaMultiModalProjector(LlavaMultiModalProjector):
+    """LLaVA's projector, after [`UmbrellaVolumeMerger`] when `config.volume_merge_size` merges patches.
+
+    Its weights keep LLaVA's names (`linear_1`, `linear_2`); with `volume_merge_size=(1, 1, 1)` it is LLaVA's.
+    """
+
+    def __init__(self, config: UmbrellaLlavaConfig):
+        super().__init__(config)
+        self.volume_merger = UmbrellaVolumeMerger(config) if config.volume_patches_per_token > 1 else None
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """`(M, tokens, C)` selected tower features → `(M, image_seq_length, text_hidden)`."""
+        if self.volume_merger is not None:
+            image_features = self.volume_merger(image_features)
+        return super().forward(image_features)
 
 
 def flatten_volumes(
@@ -320,7 +378,7 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         # LLaVA reads the encoder's hidden states; the tower's final norm feeds only its (unused) pooled output, and
         # a parameter without a gradient stalls DDP and ZeRO-3.
         self.vision_tower.post_layernorm = nn.Identity()
-        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.multi_modal_projector = UmbrellaMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
@@ -369,8 +427,8 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
 
         Args:
             input_ids: `(B, L)`; when `None`, image tokens are found in `inputs_embeds` `(B, L, text_hidden)`.
-            image_features: `(M, image_seq_length, text_hidden)` features of the valid volumes (only `M` is read), or
-                `None` for a batch without volumes, which must then hold no image token.
+            image_features: `(M, image_seq_length, text_hidden)` features of the valid volumes (their shape is read),
+                or `None` for a batch without volumes, which must then hold no image token.
             num_images_per_sample: `(B,)` volumes per sample; `None` to take them from the text.
 
         Returns:
@@ -378,7 +436,8 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
 
         Raises:
             ValueError: naming every sample whose image-token count is not its volumes × `image_seq_length`, even
-                when the batch totals agree, and every sample whose blocks are split by text.
+                when the batch totals agree, and every sample whose blocks are split by text; or if a volume's
+                features are not `image_seq_length` long.
         """
         if input_ids is None:
             image_embedding = self.get_input_embeddings()(
@@ -394,6 +453,13 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
             num_volumes, num_images_per_sample = 0, torch.zeros(len(tokens_per_sample), dtype=torch.long)
         else:
             num_volumes = image_features.shape[0]
+            if image_features.shape[1] != seq_length:
+                # masked_scatter would silently fill the blocks with part of the features, or a mix of volumes.
+                raise ValueError(
+                    f"The vision path gives {image_features.shape[1]} features per volume, but config.image_seq_length "
+                    f"is {seq_length}. Build the config with the volume geometry and volume_merge_size rather than "
+                    "setting image_seq_length by hand."
+                )
         if num_images_per_sample is None:
             # Flattened volumes without counts: the text alone says which sample owns which volume.
             num_images_per_sample = tokens_per_sample // seq_length
@@ -639,6 +705,8 @@ __all__ = [
     "UmbrellaLlavaForConditionalGeneration",
     "UmbrellaLlavaModel",
     "UmbrellaLlavaPreTrainedModel",
+    "UmbrellaMultiModalProjector",
     "UmbrellaVolumeEmbeddings",
+    "UmbrellaVolumeMerger",
     "flatten_volumes",
 ]
