@@ -58,6 +58,14 @@ def build_convert_parser() -> argparse.ArgumentParser:
         "--patch_size", required=True, type=int, nargs="+", metavar="N", help="3-D patch H W D, or one int (cube)."
     )
     parser.add_argument("--volume_channels", type=int, default=1, help="Channels per volume (default 1).")
+    parser.add_argument(
+        "--merge_size",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="N",
+        help="Patch tokens H W D (or one int) averaged into one image token: the token budget (default 1: none).",
+    )
     parser.add_argument("--embedder_init", choices=EMBEDDER_INITS, default="inflate")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="'auto' keeps the base's dtype.")
     parser.add_argument(
@@ -99,6 +107,7 @@ def convert_main(argv: list[str] | None = None) -> None:
             chat_template=args.chat_template,
             seed=args.seed,
             overwrite=args.overwrite,
+            merge_size=_one_or_three(parser, args.merge_size, "--merge_size"),
         )
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -108,6 +108,7 @@ def umbrella_config_from_llava(
     volume_channels: int = 1,
     vision_feature_select_strategy: str | None = None,
     drop_unread_vision_layers: bool = True,
+    volume_merge_size: int | Sequence[int] = 1,
 ) -> UmbrellaLlavaConfig:
     """The UmbrellaLlava config of a stock LLaVA config: the same tower, projector and LM, plus volume geometry.
 
@@ -124,10 +125,13 @@ def umbrella_config_from_llava(
         volume_channels: channels per volume.
         vision_feature_select_strategy: overrides the stock's `"default"` / `"full"` when given.
         drop_unread_vision_layers: leave out the encoder layers past the last one `vision_feature_layer` reads.
+        volume_merge_size: (H, W, D) patch tokens merged into one image token, or one int; must divide the patch
+            grid. The merge averages each block, so the stock projector reads merged tokens on the scale it was
+            trained on (a block of identical tokens becomes that token).
 
     Raises:
-        ValueError: from [`UmbrellaLlavaConfig`] (patch does not divide the volume, unsupported tower, a strategy that
-            would drop a patch), with the flag to change.
+        ValueError: from [`UmbrellaLlavaConfig`] (patch does not divide the volume, merge does not divide the patch
+            grid, unsupported tower, a strategy that would drop a patch), with the flag to change.
     """
     values = {key: value for key, value in llava_config.to_dict().items() if key not in _STOCK_ONLY_CONFIG_KEYS}
     values.pop("image_seq_length", None)
@@ -149,10 +153,13 @@ def umbrella_config_from_llava(
             volume_size=list(_as_triple(volume_size, "volume_size")),
             volume_patch_size=list(_as_triple(volume_patch_size, "volume_patch_size")),
             volume_channels=volume_channels,
+            volume_merge_size=list(_as_triple(volume_merge_size, "volume_merge_size")),
         )
     except ValueError as error:
         if "would drop a patch" in str(error):
             raise ValueError(f"{error} Pass --vision_feature_select_strategy full.") from error
+        if "does not divide the patch grid" in str(error):
+            raise ValueError(f"{error} (--merge_size / --volume_size / --patch_size)") from error
         if "does not divide" in str(error):
             raise ValueError(f"{error} (--volume_size / --patch_size)") from error
         raise
@@ -548,6 +555,7 @@ def convert_llava_checkpoint(
     chat_template: str = "auto",
     seed: int = 0,
     overwrite: bool = False,
+    merge_size: int | Sequence[int] = 1,
 ) -> Path:
     """Convert the stock LLaVA checkpoint `base` into a complete trust_remote_code UmbrellaLlava folder.
 
@@ -565,6 +573,7 @@ def convert_llava_checkpoint(
         chat_template: see [`resolve_chat_template`].
         seed: seed of `embedder_init="random"`.
         overwrite: allow writing into a non-empty `output_dir`.
+        merge_size: `volume_merge_size`, (H, W, D) patch tokens averaged into one image token, or one int.
 
     Returns:
         `output_dir`, holding the model (weights, config with `auto_map` and `converted_from`, code), the processor
@@ -583,7 +592,12 @@ def convert_llava_checkpoint(
 
     llava_config = read_llava_config(base)
     config = umbrella_config_from_llava(
-        llava_config, volume_size, patch_size, volume_channels, vision_feature_select_strategy
+        llava_config,
+        volume_size,
+        patch_size,
+        volume_channels,
+        vision_feature_select_strategy,
+        volume_merge_size=merge_size,
     )
     if config.dropped_vision_layers:
         logger.info(
