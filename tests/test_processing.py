@@ -264,7 +264,7 @@ def test_apply_chat_template_assistant_mask(tiny_processor, mni_volume_paths, nu
 def test_apply_chat_template_assistant_mask_with_volumes_is_refused_where_it_would_be_wrong(
     tiny_processor, mni_t1_path
 ):
-    with pytest.raises(NotImplementedError, match="needs a newer transformers"):
+    with pytest.raises(NotImplementedError, match="needs transformers 5.18 or newer"):
         tiny_processor.apply_chat_template(
             conversation_with_volumes([mni_t1_path]),
             tokenize=True,

@@ -439,6 +439,36 @@ def encode_record(
     return input_ids, labels
 
 
+def chat_example(record: ConversationRecord, image_token: str = "<image>") -> dict[str, Any]:
+    """`record` as a row of a conversational vision dataset, the form TRL's `SFTTrainer` (and
+    `processor.apply_chat_template`) take: `{"messages": [...], "images": [volume paths as str]}`.
+
+    Every placeholder becomes an `{"type": "image"}` item, filled in reading order from `images`; a placeholder typed
+    into a string (LLaVA records) loses the newline right after it, which the chat template writes back, so both
+    record formats render as `tokenize_conversation` renders them (a placeholder followed by other text than a
+    newline gains one). Only `type` and `text` of an item are kept, so that rows share one schema in a
+    `datasets.Dataset`.
+    """
+    messages = []
+    for message in record.messages:
+        content = message["content"]
+        if isinstance(content, str):
+            items = []
+            for index, text in enumerate(content.split(image_token)):
+                if index:
+                    items.append({"type": "image"})
+                    text = text.removeprefix("\n")
+                if text:
+                    items.append({"type": "text", "text": text})
+        else:
+            items = [
+                {"type": "image"} if item["type"] == "image" else {"type": "text", "text": item["text"]}
+                for item in content
+            ]
+        messages.append({"role": message["role"], "content": items})
+    return {"messages": messages, "images": [str(path) for path in record.volume_paths]}
+
+
 def text_special_tokens(processor: UmbrellaLlavaProcessor) -> list[str]:
     """The tokenizer's special tokens that may not be typed into message text: all but the image placeholder."""
     tokenizer = processor.tokenizer
@@ -802,6 +832,7 @@ __all__ = [
     "InvalidRecordError",
     "UmbrellaCollator",
     "RecordScan",
+    "chat_example",
     "encode_record",
     "parse_record",
     "read_raw_records",

@@ -189,13 +189,14 @@ class UmbrellaLlavaProcessor(ProcessorMixin):
     if not hasattr(ProcessorMixin, "_adjust_assistant_masks_indices"):
         # transformers 5.17 builds the assistant mask from token offsets into the text with every placeholder
         # already expanded, but from character spans of the text before expansion, so with a volume it marks the
-        # wrong tokens (stock LLaVA too). Refuse rather than train on a wrong mask; newer 5.x shift the spans.
+        # wrong tokens (stock LLaVA too). Refuse rather than train on a wrong mask. 5.18 on shift the spans; TRL's
+        # SFTTrainer requires 5.18 for assistant_only_loss on vision data.
 
         def apply_chat_template(self, conversation, *args, return_assistant_tokens_mask: bool = False, **kwargs):
             serialized = json.dumps(conversation, default=str)
             if return_assistant_tokens_mask and ('"type": "image"' in serialized or self.image_token in serialized):
                 raise NotImplementedError(
-                    "return_assistant_tokens_mask=True with volumes needs a newer transformers 5.x: this version "
+                    "return_assistant_tokens_mask=True with volumes needs transformers 5.18 or newer: this version "
                     "marks the wrong tokens once an image placeholder is expanded. Upgrade transformers, or build "
                     "turn-masked labels with umbrella_llava.data.ConversationDataset."
                 )
