@@ -85,8 +85,11 @@ def text_config(size: ModelSize) -> dict:
     }
 
 
-def build_umbrella(size: ModelSize, attn_implementation: str = "sdpa") -> UmbrellaLlavaForConditionalGeneration:
-    """A randomly initialised UmbrellaLlava of `size`, in training mode."""
+def build_umbrella(
+    size: ModelSize, attn_implementation: str = "sdpa", volume_merge_size: int = 1
+) -> UmbrellaLlavaForConditionalGeneration:
+    """A randomly initialised UmbrellaLlava of `size`, in training mode; `volume_merge_size` merges that many patch
+    tokens per axis into one (`size.tokens_per_volume / volume_merge_size**3` image tokens per volume)."""
     config = UmbrellaLlavaConfig(
         vision_config=vision_config(size, image_size=size.volume_size, patch_size=size.volume_patch, num_channels=1),
         text_config=text_config(size),
@@ -97,6 +100,7 @@ def build_umbrella(size: ModelSize, attn_implementation: str = "sdpa") -> Umbrel
         volume_size=(size.volume_size,) * 3,
         volume_patch_size=(size.volume_patch,) * 3,
         volume_channels=1,
+        volume_merge_size=volume_merge_size,
         tie_word_embeddings=size.tie_word_embeddings,
     )
     config._attn_implementation = attn_implementation
@@ -154,12 +158,18 @@ def make_text(
 
 
 def make_volume_batch(
-    size: ModelSize, volumes_per_sample: list[int], slots: int | None = None, seed: int = 0
+    size: ModelSize,
+    volumes_per_sample: list[int],
+    slots: int | None = None,
+    seed: int = 0,
+    tokens_per_volume: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """A batch for UmbrellaLlava: text from `make_text`, `pixel_values (B, slots, 1, S, S, S)` with zeros in the
-    padded slots, and `image_mask (B, slots)`."""
+    padded slots, and `image_mask (B, slots)`. `tokens_per_volume` is the model's `image_seq_length` (default: one
+    token per patch)."""
     slots = max(volumes_per_sample) if slots is None else slots
-    batch = make_text(volumes_per_sample, size.tokens_per_volume, size.vocab_size, seed)
+    tokens_per_volume = size.tokens_per_volume if tokens_per_volume is None else tokens_per_volume
+    batch = make_text(volumes_per_sample, tokens_per_volume, size.vocab_size, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     pixel_values = torch.randn(len(volumes_per_sample), slots, 1, *(size.volume_size,) * 3, generator=generator)
     image_mask = torch.arange(slots)[None, :] < torch.tensor(volumes_per_sample)[:, None]

@@ -43,14 +43,16 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_point(volumes: int, checkpointing: bool, quick: bool, device: str = "cpu") -> dict:
-    """Peak memory (MiB) of one training step of `BATCH_SIZE` samples with `volumes` volumes each, in this process."""
+def measure_point(volumes: int, checkpointing: bool, quick: bool, device: str = "cpu", merge: int = 1) -> dict:
+    """Peak memory (MiB) of one training step of `BATCH_SIZE` samples with `volumes` volumes each, in this process;
+    `merge` is the model's `volume_merge_size` per axis."""
     torch.set_num_threads(1)
     size = TINY if quick else SMALL
-    model = build_umbrella(size).to(device)
+    model = build_umbrella(size, volume_merge_size=merge).to(device)
     if checkpointing:
         set_activation_checkpointing(model, True)
-    batch = {k: v.to(device) for k, v in make_volume_batch(size, [volumes] * BATCH_SIZE).items()}
+    batch = make_volume_batch(size, [volumes] * BATCH_SIZE, tokens_per_volume=model.config.image_seq_length)
+    batch = {k: v.to(device) for k, v in batch.items()}
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -76,8 +78,10 @@ def measure_point(volumes: int, checkpointing: bool, quick: bool, device: str = 
     }
 
 
-def _run_point_in_subprocess(volumes: int, checkpointing: bool, quick: bool, device: str) -> dict:
+def run_point_in_subprocess(volumes: int, checkpointing: bool, quick: bool, device: str, merge: int = 1) -> dict:
+    """[`measure_point`] in a fresh Python process."""
     command = [sys.executable, "-m", "benchmarks.memory", "--point", str(volumes), "--device", device]
+    command += ["--merge", str(merge)]
     command += ["--checkpointing"] * checkpointing + ["--quick"] * quick
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -91,8 +95,8 @@ def bench_memory(quick: bool = False, device: str = "cpu") -> list[dict]:
     counts = VOLUMES_PER_SAMPLE[:1] if quick else VOLUMES_PER_SAMPLE
     rows = []
     for volumes in counts:
-        plain = _run_point_in_subprocess(volumes, False, quick, device)
-        checkpointed = _run_point_in_subprocess(volumes, True, quick, device)
+        plain = run_point_in_subprocess(volumes, False, quick, device)
+        checkpointed = run_point_in_subprocess(volumes, True, quick, device)
         rows.append(
             {
                 "benchmark": "memory",
@@ -120,8 +124,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--merge", type=int, default=1, help="volume_merge_size per axis")
     args = parser.parse_args()
-    print(json.dumps(measure_point(args.point, args.checkpointing, args.quick, args.device)))
+    print(json.dumps(measure_point(args.point, args.checkpointing, args.quick, args.device, args.merge)))
 
 
 if __name__ == "__main__":

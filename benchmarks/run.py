@@ -10,6 +10,8 @@ Benchmarks (see BENCHMARKS.md for what each compares and its goal):
     learning          steps until held-out accuracy reaches 0.9 on volume-only questions (median of 3 seeds), per
                       variant of the defaults, on real MNI152 brains (needs nilearn)
     learning_local    why the local lesion task is not learnt: one change each, seed 0
+    token_budget      volume_merge_size 1 / 2³ / 4³: tokens per volume, learning (average vs concat + MLP merger),
+                      step time and peak memory at 4 volumes per sample (needs nilearn)
 
 The GPU run is separate: `python -m benchmarks.gpu`.
 """
@@ -36,6 +38,7 @@ def _benchmarks() -> dict[str, Callable[..., list[dict]]]:
     from .learning import bench_learning, bench_learning_local
     from .memory import bench_memory
     from .model_paths import bench_handwritten_loop, bench_padding, bench_stock_overhead
+    from .token_budget import bench_token_budget
 
     return {
         "stock_overhead": bench_stock_overhead,
@@ -45,6 +48,7 @@ def _benchmarks() -> dict[str, Callable[..., list[dict]]]:
         "memory": bench_memory,
         "learning": bench_learning,
         "learning_local": bench_learning_local,
+        "token_budget": bench_token_budget,
     }
 
 

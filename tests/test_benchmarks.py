@@ -107,3 +107,20 @@ def test_learning_benchmark_reports_steps_and_held_out_accuracy_per_question_kin
     assert row["value"] == ">25" or 0 < row["value"] <= 25, row
     for kind in ("map", "which_gm"):
         assert f"{kind} " in row["note"] and "chance" in row["note"], row
+
+
+@pytest.mark.slow
+def test_token_budget_benchmark_reports_tokens_learning_time_and_memory_per_merge():
+    pytest.importorskip("nilearn")
+    from benchmarks.token_budget import bench_token_budget
+
+    rows = bench_token_budget(quick=True)
+    assert_rows(rows, "token_budget", 4)
+    assert [(row["merge"], row["merger"]) for row in rows] == [
+        (1, "none"), (2, "average"), (2, "concat + MLP"), (4, "average")
+    ]  # fmt: skip
+    assert [row["tokens_per_volume"] for row in rows] == [64, 8, 8, 1]
+    for row in rows:
+        assert set(row["accuracy"]) == {"map", "which_gm"}, row
+        if row["merger"] != "concat + MLP":
+            assert row["step_peak_mib"] > 0 and row["ours_ms"] > 0, row
