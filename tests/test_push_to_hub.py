@@ -147,18 +147,35 @@ def test_base_model_flag_and_local_record(checkpoint, tmp_path):
 def test_incomplete_checkpoint_is_refused_naming_every_missing_piece(checkpoint, tmp_path, monkeypatch, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
-    for name in ("modeling_umbrella_llava.py", "processor_config.json", "chat_template.jinja", "model.safetensors"):
+    removed = (
+        "modeling_umbrella_llava.py",
+        "pipeline_umbrella_llava.py",
+        "processor_config.json",
+        "chat_template.jinja",
+    )
+    for name in (*removed, "model.safetensors"):
         (broken / name).unlink()
     with pytest.raises(CheckpointError) as error:
         validate_checkpoint(broken)
-    for name in ("modeling_umbrella_llava.py", "processor_config.json", "chat_template", "model.safetensors"):
+    for name in ("modeling_umbrella_llava.py", "pipeline_umbrella_llava.py", "processor_config.json", "chat_template"):
         assert name in str(error.value), name
+    assert "model.safetensors" in str(error.value)
 
     RecordingHub(monkeypatch)
     monkeypatch.setattr(HfApi, "create_repo", lambda *a, **k: pytest.fail("created a repo for a broken checkpoint"))
     with pytest.raises(SystemExit) as exit_info:
         run_script("--checkpoint", str(broken), "--repo_id", "me/x")
     assert exit_info.value.code == 2 and "modeling_umbrella_llava.py" in capsys.readouterr().err
+
+
+def test_checkpoint_saved_before_the_pipeline_existed_is_complete_without_its_file(checkpoint, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(checkpoint, older)
+    (older / "pipeline_umbrella_llava.py").unlink()
+    config = json.loads((older / "config.json").read_text())
+    del config["custom_pipelines"]
+    (older / "config.json").write_text(json.dumps(config))
+    validate_checkpoint(older)
 
 
 def test_stock_llava_and_bad_flags_are_refused(checkpoint, capsys):

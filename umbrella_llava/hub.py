@@ -48,7 +48,6 @@ REMOTE_CODE_FILES = (
     "modeling_umbrella_llava.py",
     "processing_umbrella_llava.py",
     "image_processing_umbrella_llava.py",
-    "pipeline_umbrella_llava.py",
 )
 # Files of a checkpoint folder that belong to the shared model; anything else (Trainer state, logs) stays local.
 UPLOAD_PATTERNS = (
@@ -129,6 +128,11 @@ def validate_checkpoint(checkpoint: str | os.PathLike) -> UmbrellaLlavaConfig:
             config = UmbrellaLlavaConfig.from_pretrained(checkpoint)
             if "AutoModelForImageTextToText" not in (config_dict.get("auto_map") or {}):
                 problems.append("config.json has no auto_map (save the model with save_pretrained)")
+            # Checkpoints saved before the pipeline existed name none, and load without its file.
+            for task, entry in (config_dict.get("custom_pipelines") or {}).items():
+                code_file = f"{entry['impl'].split('.')[0]}.py"
+                if not (checkpoint / code_file).is_file():
+                    problems.append(f"{code_file} (config.json names it for the {task!r} pipeline)")
 
     _, missing_weights = _weight_files(checkpoint)
     if missing_weights and any(checkpoint.glob("adapter_model.*")):
