@@ -479,6 +479,18 @@ def test_loading_a_truncated_model_names_the_weights_file(tiny_checkpoint, tmp_p
         load_model_and_processor(ModelArguments(model_name_or_path=str(damaged)))
 
 
+def test_from_pretrained_of_a_truncated_model_names_the_weights_file(tiny_checkpoint, tmp_path):
+    """The model class itself (and so trust_remote_code loading) names the file safetensors only calls damaged."""
+    from transformers import AutoModelForImageTextToText
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_checkpoint, damaged)
+    truncate(damaged / "model.safetensors")
+    for load in (UmbrellaLlavaForConditionalGeneration.from_pretrained, AutoModelForImageTextToText.from_pretrained):
+        with pytest.raises(OSError, match=f"{damaged / 'model.safetensors'} is truncated or damaged"):
+            load(damaged)
+
+
 def test_push_refuses_weights_that_do_not_deserialize(tiny_checkpoint, tmp_path):
     validate_checkpoint(tiny_checkpoint)
     damaged = tmp_path / "damaged"

@@ -15,6 +15,8 @@ This file travels to the Hub as remote code: it imports only torch, transformers
 single-dot relative imports.
 """
 
+import os
+
 import torch
 from einops.layers.torch import Rearrange, Reduce
 from torch import nn
@@ -309,9 +311,37 @@ def init_volume_embeddings(module: UmbrellaVolumeEmbeddings, vision_config) -> N
     init.zeros_(module.patch_embedding.bias)
 
 
+def _damaged_weight_files(folder: str | os.PathLike) -> str:
+    """Name the `*.safetensors` files of `folder` that do not open (a truncated file fails on its header)."""
+    from transformers.modeling_utils import safe_open  # safetensors, through transformers (remote-code rule)
+
+    damaged = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(folder, name), framework="pt"):
+                    pass
+            except Exception as error:  # any failure to open is what we report
+                damaged.append(f"{os.path.join(folder, name)} is truncated or damaged ({error})")
+    return "; ".join(damaged) or "a weights file does not deserialize"
+
+
 class UmbrellaLlavaPreTrainedModel(LlavaPreTrainedModel):
     config_class = UmbrellaLlavaConfig
     config: UmbrellaLlavaConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            # safetensors reports a truncated or damaged file without its name; say which file it is.
+            if type(error).__name__ != "SafetensorError" or not os.path.isdir(pretrained_model_name_or_path):
+                raise
+            raise OSError(
+                f"Cannot load {pretrained_model_name_or_path}: {_damaged_weight_files(pretrained_model_name_or_path)}"
+                f" ({error}). Save or download the checkpoint again."
+            ) from error
 
     @classmethod
     def is_custom_code(cls) -> bool:
