@@ -239,7 +239,9 @@ def test_card_training_recipe_uses_only_flags_the_scripts_have(checkpoint):
         "push_to_hub.py": parser_flags(push_to_hub.build_parser()),
     }
     recipe = re.search(r"```bash\n(.*?)```", render_model_card(checkpoint, "me/x").text, re.S).group(1)
-    commands = re.findall(r"python scripts/(\S+)(.*?)(?=python scripts/|\Z)", recipe, re.S)
+    scripts = {"convert": "convert_llava_checkpoint.py", "train": "train.py", "push": "push_to_hub.py"}
+    commands = re.findall(r"umbrella-(\w+)(.*?)(?=umbrella-|\Z)", recipe, re.S)
+    commands = [(scripts[command], arguments) for command, arguments in commands]
     assert [script for script, _ in commands].count("train.py") >= 1 and len(commands) == 4
     for script, arguments in commands:
         for flag in re.findall(r"(--\w+)", arguments):
