@@ -30,7 +30,6 @@ from umbrella_llava.conversion import (
     convert_llava_checkpoint,
     convert_llava_model,
     inflate_volume_embeddings,
-    random_volume_embeddings,
     read_llava_config,
     umbrella_config_from_llava,
 )
@@ -210,6 +209,12 @@ def test_inflation_resamples_kernel_and_repeats_positions_over_depth(tokenizer):
     grid = table[1:].reshape(2, 4, 4, hidden)  # (h, w, d)
     assert torch.equal(grid, grid[:, :, :1].expand_as(grid))  # same position at every depth
     assert not torch.equal(grid[0, 0], grid[1, 3])  # but (h, w) still differ
+    # The 4 x 4 image grid is resampled to the volume's 2 (H) x 4 (W) grid, in that order: swapped axes would give a
+    # 4 x 2 grid read as 2 x 4.
+    table_2d = stock.model.vision_tower.embeddings.position_embedding.weight.detach()
+    image_grid = table_2d[1:].reshape(1, 4, 4, hidden).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(image_grid, size=(2, 4), mode="bicubic", antialias=True)
+    torch.testing.assert_close(grid[:, :, 0], expected[0].permute(1, 2, 0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(state["class_embedding.weight"][0], stock.model.vision_tower.embeddings.class_embedding)
 
 
@@ -219,8 +224,11 @@ def test_random_embedder_init_keeps_the_rest_identical(tokenizer):
     config = umbrella_config_from_llava(stock.config, **{"volume_size": 32, "volume_patch_size": 8})
     model = convert_llava_model(stock, config, embedder_init="random", seed=1)
     embedder = model.model.vision_tower.embeddings
-    expected = random_volume_embeddings(config, seed=1)
-    assert torch.equal(embedder.patch_embedding.weight, expected["patch_embedding.weight"])
+    # Reproducible from the seed, another seed another embedder, and timm's ViT scale (std 0.02).
+    again = convert_llava_model(stock, config, embedder_init="random", seed=1).model.vision_tower.embeddings
+    other = convert_llava_model(stock, config, embedder_init="random", seed=2).model.vision_tower.embeddings
+    assert torch.equal(embedder.patch_embedding.weight, again.patch_embedding.weight)
+    assert not torch.equal(embedder.patch_embedding.weight, other.patch_embedding.weight)
     assert 0.01 < float(embedder.patch_embedding.weight.detach().std()) < 0.03
     assert not embedder.patch_embedding.bias.any()
     inflated = inflate_volume_embeddings(stock.model.vision_tower.embeddings.state_dict(), config)

@@ -83,12 +83,19 @@ def test_fingerprint_sees_new_content_behind_the_same_size_and_mtime(tmp_path):
         assert before["edges"] != after["edges"]
 
 
-def test_other_options_are_other_entries(processor, scan, tmp_path):
+@pytest.mark.parametrize(
+    "option", [{"volume_size": (24, 24, 24)}, {"normalization": "minmax"}, {"clip_percentiles": (2, 98)}]
+)
+def test_each_option_alone_is_another_entry(processor, scan, tmp_path, option):
+    """One option changed at a time (same shape for all but volume_size): the entry of the other options is not
+    handed out."""
     cache = VolumeCache(tmp_path / "cache")
-    small = cache.get(scan, processor)
-    large = cache.get(scan, CountingProcessor(volume_size=(24, 24, 24), normalization="zscore"))
-    assert small.shape == (1, 32, 32, 32) and large.shape == (1, 24, 24, 24)
+    cache.get(scan, processor)
+    other_processor = CountingProcessor(**{**processor.preprocessing_options(), **option})
+    other = cache.get(scan, other_processor)
+    assert CountingProcessor.calls == 2
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    torch.testing.assert_close(other, other_processor.preprocess_volume(scan))
 
 
 def test_a_damaged_entry_is_replaced(processor, scan, tmp_path):
