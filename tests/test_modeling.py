@@ -220,21 +220,64 @@ def test_greedy_generation_matches_the_forward_pass(tiny_model):
     torch.testing.assert_close(logits[:, prompt_len - 1 : -1].argmax(-1), generated[:, prompt_len:])
 
 
-def test_batched_left_padded_generation_matches_each_sample_alone(tiny_model):
-    batch = make_batch(tiny_model.config, [2, 1, 0], slots=2)
-    together = _generate(tiny_model, **batch)
+def other_volumes(batch: dict, seed: int = 7) -> dict:
+    """The same batch with other random volumes in its valid slots (a negative control for generation)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = (
+        torch.randn(batch["pixel_values"].shape, generator=generator)
+        * batch["image_mask"][..., None, None, None, None]
+    )
+    return {**batch, "pixel_values": pixel_values}
+
+
+def test_batched_left_padded_generation_matches_each_sample_alone(volume_sensitive_model):
+    model = volume_sensitive_model
+    batch = make_batch(model.config, [2, 1, 0], slots=2)
+    together = _generate(model, **batch)
     for b in range(3):
         n, keep = int(batch["num_images_per_sample"][b]), batch["attention_mask"][b].bool()
         alone = _generate(
-            tiny_model,
+            model,
             input_ids=batch["input_ids"][b, keep][None],
             pixel_values=batch["pixel_values"][b, :n][None] if n else None,
         )
         assert together[b, -6:].tolist() == alone[0, -6:].tolist()
+    # Negative control: other volumes give the samples that have volumes other tokens, and leave the text-only one.
+    other = _generate(model, **other_volumes(batch))
+    assert together[0, -6:].tolist() != other[0, -6:].tolist()
+    assert together[1, -6:].tolist() != other[1, -6:].tolist()
+    assert together[2, -6:].tolist() == other[2, -6:].tolist()
+
+
+def test_decoding_continues_when_a_generated_token_is_the_image_token(tiny_model):
+    """From the cache, a generated image token is an ordinary token: it has no volume and must not be refused."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    image_token = tiny_model.config.image_token_id
+
+    class ImageTokenFirst(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == prompt_length:
+                scores = torch.full_like(scores, -float("inf"))
+                scores[:, image_token] = 0.0
+            return scores
+
+    batch = make_batch(tiny_model.config, [1, 2])
+    prompt_length = batch["input_ids"].shape[1]
+    generated = tiny_model.generate(
+        **batch,
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        logits_processor=LogitsProcessorList([ImageTokenFirst()]),
+    )
+    assert generated.shape[1] == prompt_length + 4
+    assert (generated[:, prompt_length] == image_token).all()
 
 
 @pytest.mark.parametrize("flattened", [False, True])
-def test_beams_and_return_sequences_keep_each_samples_volumes(tiny_model, flattened):
+def test_beams_and_return_sequences_keep_each_samples_volumes(volume_sensitive_model, flattened):
+    tiny_model = volume_sensitive_model
     batch = make_batch(tiny_model.config, [1, 2], slots=2)
     settings = {"num_beams": 3, "num_return_sequences": 2}
     if flattened:
@@ -257,6 +300,15 @@ def test_beams_and_return_sequences_keep_each_samples_volumes(tiny_model, flatte
             **settings,
         )
         assert together[2 * b : 2 * b + 2, -6:].tolist() == alone[:, -6:].tolist()
+    # Negative control: other volumes, other beams.
+    other = other_volumes(batch)
+    other_inputs = {
+        **inputs,
+        "pixel_values": other["pixel_values"][batch["image_mask"]] if flattened else other["pixel_values"],
+    }
+    other_together = _generate(tiny_model, **other_inputs, **settings)
+    for b in range(2):
+        assert together[2 * b : 2 * b + 2, -6:].tolist() != other_together[2 * b : 2 * b + 2, -6:].tolist()
 
 
 # 5. What transformers' common model and generation tests check, on volumes (each named after the test it mirrors)
