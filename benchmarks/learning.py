@@ -273,6 +273,19 @@ def bench_learning_local(quick: bool = False) -> list[dict]:
     return bench_learning(quick, variants=LOCAL_DIAGNOSTICS, seeds=SEEDS[:1])
 
 
+def measure_variant(variant: Variant, seeds, workdir: Path, quick: bool) -> tuple[Variant, dict, dict[str, float]]:
+    """Run `variant` (cut to one evaluation and a few records when `quick`) and take the median last accuracy per
+    question kind; returns `(the variant run, run_variant's result, {kind: accuracy})`."""
+    if quick:
+        variant = dataclasses.replace(variant, max_steps=EVAL_EVERY, train_records=16, volumes_per_kind=2)
+    result = run_variant(variant, seeds, workdir)
+    accuracy = {
+        kind: statistics.median(run["accuracy"].get(kind, 0.0) for run in result["runs"])
+        for kind in TASKS[variant.task]
+    }
+    return variant, result, accuracy
+
+
 def bench_learning(quick: bool = False, variants: list[Variant] = VARIANTS, seeds=SEEDS) -> list[dict]:
     """One row per variant: median steps until every question kind reaches the target, and the last accuracy."""
     variants = variants[:1] if quick else variants
@@ -280,14 +293,8 @@ def bench_learning(quick: bool = False, variants: list[Variant] = VARIANTS, seed
     rows = []
     workdir = tempfile.TemporaryDirectory()  # the data and volume cache, shared by the variants of a task
     for variant in variants:
-        if quick:
-            variant = dataclasses.replace(variant, max_steps=EVAL_EVERY, train_records=16, volumes_per_kind=2)
-        result = run_variant(variant, seeds, Path(workdir.name))
-        kinds = TASKS[variant.task]
-        accuracy = {
-            kind: statistics.median(run["accuracy"].get(kind, 0.0) for run in result["runs"]) for kind in kinds
-        }
-        steps = result["median_steps"]
+        variant, result, accuracy = measure_variant(variant, seeds, Path(workdir.name), quick)
+        kinds, steps = TASKS[variant.task], result["median_steps"]
         rows.append(
             {
                 "benchmark": "learning",

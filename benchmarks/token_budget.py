@@ -11,8 +11,6 @@ The merge candidates are compared on the learning benchmark too: the package's a
 concatenated, then an MLP), which this file swaps in.
 """
 
-import dataclasses
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from .common import (
     paired_ratio,
     training_step,
 )
-from .learning import EVAL_EVERY, SEEDS, TASKS, Variant, run_variant
+from .learning import SEEDS, TASKS, Variant, measure_variant
 from .memory import BATCH_SIZE, run_point_in_subprocess
 
 MERGES = (1, 2, 4)
@@ -121,14 +119,8 @@ def bench_token_budget(quick: bool = False) -> list[dict]:
     workdir = tempfile.TemporaryDirectory()  # the data and volume cache, shared by the variants
     rows = []
     for merge, merger, variant in learning_variants(quick):
-        if quick:
-            variant = dataclasses.replace(variant, max_steps=EVAL_EVERY, train_records=16, volumes_per_kind=2)
-        result = run_variant(variant, seeds, Path(workdir.name))
-        kinds = TASKS[variant.task]
-        accuracy = {
-            kind: statistics.median(run["accuracy"].get(kind, 0.0) for run in result["runs"]) for kind in kinds
-        }
-        steps = result["median_steps"]
+        variant, result, accuracy = measure_variant(variant, seeds, Path(workdir.name), quick)
+        kinds, steps = TASKS[variant.task], result["median_steps"]
         timing = timings[merge] if merger != "concat + MLP" else None
         peak = memory[merge]["step_peak_mib"] if merger != "concat + MLP" else None
         rows.append(
