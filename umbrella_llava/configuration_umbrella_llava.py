@@ -20,6 +20,15 @@ def _as_triple(value, name: str) -> tuple[int, int, int]:
     return value
 
 
+def _remainders(sizes, divisors) -> str:
+    """`"W: 30 % 8 = 6"` for every axis whose size the divisor does not divide, joined by "; " (empty if none)."""
+    return "; ".join(
+        f"{axis}: {size} % {divisor} = {size % divisor}"
+        for axis, size, divisor in zip("HWD", sizes, divisors)
+        if size % divisor
+    )
+
+
 class UmbrellaLlavaConfig(LlavaConfig):
     r"""
     A [`LlavaConfig`] for 3-D volumes. The vision tower's encoder layers, the projector and the language model are
@@ -62,27 +71,19 @@ class UmbrellaLlavaConfig(LlavaConfig):
         self.volume_patch_size = list(_as_triple(self.volume_patch_size, "volume_patch_size"))
         if self.volume_channels < 1:
             raise ValueError(f"`volume_channels` must be at least 1, got {self.volume_channels}.")
-        not_divided = [
-            f"{axis}: {size} % {patch} = {size % patch}"
-            for axis, size, patch in zip("HWD", self.volume_size, self.volume_patch_size)
-            if size % patch
-        ]
+        not_divided = _remainders(self.volume_size, self.volume_patch_size)
         if not_divided:
             raise ValueError(
                 f"volume_patch_size {tuple(self.volume_patch_size)} does not divide volume_size "
-                f"{tuple(self.volume_size)} ({'; '.join(not_divided)}). Resize the volumes or choose a patch size "
+                f"{tuple(self.volume_size)} ({not_divided}). Resize the volumes or choose a patch size "
                 "that divides every axis."
             )
         self.volume_merge_size = list(_as_triple(self.volume_merge_size, "volume_merge_size"))
-        not_merged = [
-            f"{axis}: {patches} % {merge} = {patches % merge}"
-            for axis, patches, merge in zip("HWD", self.volume_grid, self.volume_merge_size)
-            if patches % merge
-        ]
+        not_merged = _remainders(self.volume_grid, self.volume_merge_size)
         if not_merged:
             raise ValueError(
                 f"volume_merge_size {tuple(self.volume_merge_size)} does not divide the patch grid "
-                f"{self.volume_grid} (volume_size / volume_patch_size; {'; '.join(not_merged)}). Choose a merge size "
+                f"{self.volume_grid} (volume_size / volume_patch_size; {not_merged}). Choose a merge size "
                 "that divides every axis of the grid, or a volume or patch size whose grid it divides."
             )
 
