@@ -259,12 +259,17 @@ VARIANTS = [
 
 
 # Why is the local task not learnt? One change each against "lesion (local)", one seed each (a diagnosis, not a
-# ranking): a lesion 2.5x larger, four times the distinct volumes, a lower learning rate, 4³ patches (512 tokens).
+# ranking): a lesion 2.5x larger, four times the distinct volumes, a lower learning rate, 4³ patches (512 tokens),
+# and 4³ patches averaged in 2³ blocks (finer patches at the same 64 tokens per volume).
 LOCAL_DIAGNOSTICS = [
     Variant("lesion 6-8 cm", "defaults; lesions of 6-8 cm", **{**LOCAL, "task": "local-large"}),
     Variant("lesion, 64 volumes per kind", "defaults; 480 records", **{**LOCAL, "volumes_per_kind": 64, "train_records": 480}),
     Variant("lesion, lr 5e-4", "defaults; learning rate 5e-4", learning_rate=5e-4, **LOCAL),
     Variant("lesion, 4³ patches", "defaults; 512 tokens per volume", patch_size=4, **LOCAL),
+    Variant(
+        "lesion, 4³ patches averaged 2³", "defaults; 4³ patches, volume_merge_size 2³: 64 tokens per volume",
+        patch_size=4, config_kwargs={"volume_merge_size": (2, 2, 2)}, **LOCAL,
+    ),
 ]  # fmt: skip
 
 
