@@ -515,7 +515,13 @@ def main(argv: list[str] | None = None) -> Trainer:
     """Entry point of `scripts/train.py`: parse flags and run."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     model_args, data_args, training_args = parse_arguments(argv)
-    return run_training(model_args, data_args, training_args)
+    try:
+        return run_training(model_args, data_args, training_args)
+    finally:
+        # A process group left to interpreter shutdown can abort a rank on its way out ("terminate called without
+        # an active exception", seen with gloo), failing a run that trained, saved and evaluated.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 __all__ = [
