@@ -71,8 +71,10 @@ def test_data_benchmark():
     from benchmarks.data_pipeline import bench_data
 
     rows = bench_data(quick=True)
-    assert_rows(rows, "data", 5)
+    assert_rows(rows, "data", 4)
     assert rows[0]["ours_volumes_per_s"] > 0 and rows[0]["monai_volumes_per_s"] > 0
+    # The comparison runs the same operations on both sides, so the outputs agree to float32 rounding.
+    assert rows[0]["largest_abs_difference"] < 1e-4, rows[0]
 
 
 def test_runner_prints_a_table(capsys, tmp_path):
