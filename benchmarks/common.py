@@ -14,8 +14,8 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from umbrella_llava import UmbrellaLlavaConfig, UmbrellaLlavaForConditionalGeneration
+from umbrella_llava.data import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 IMAGE_TOKEN_ID = 3
 TEXT_TOKENS_PER_SAMPLE = 32
 

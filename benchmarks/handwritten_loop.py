@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from umbrella_llava import UmbrellaLlavaForConditionalGeneration
-
-IGNORE_INDEX = -100
+from umbrella_llava.data import IGNORE_INDEX
 
 
 def handwritten_loss(
