@@ -33,6 +33,7 @@ from umbrella_llava.data import ConversationDataset, UmbrellaCollator
 from umbrella_llava.evaluation import evaluate_generation
 from umbrella_llava.tokenization import build_chatml_tokenizer
 
+from .common import ModelSize, text_config, vision_config
 from .learning_data import CHANCE, MAPS, QUESTIONS, TASKS, build_learning_data
 
 TARGET_ACCURACY = 0.9
@@ -71,28 +72,19 @@ def build_processor(volume_size: int, image_seq_length: int, **kwargs) -> Umbrel
 
 
 def build_config(variant: Variant, tokenizer, volume_size: int = 32, patch_size: int = 8) -> UmbrellaLlavaConfig:
-    """The tiny model of the benchmark: SigLIP tower + Qwen2 LM, `variant.layers` layers each."""
+    """The tiny model of the benchmark: SigLIP tower + Qwen2 LM, `variant.layers` layers each, in the benchmarks'
+    shared sub-configs (`benchmarks.common`)."""
+    width, text_width, layers = variant.vision_width, variant.text_width, variant.layers
+    size = ModelSize(
+        "learning", width, 2 * width, layers, 4, text_width, 2 * text_width, layers, 4, 2, len(tokenizer),
+        volume_size, patch_size, tie_word_embeddings=True,
+    )  # fmt: skip
     special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     return UmbrellaLlavaConfig(
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": variant.vision_width,
-            "intermediate_size": 2 * variant.vision_width,
-            "num_hidden_layers": variant.layers,
-            "num_attention_heads": 4,
-        },
-        text_config={
-            "model_type": "qwen2",
-            "hidden_size": variant.text_width,
-            "intermediate_size": 2 * variant.text_width,
-            "num_hidden_layers": variant.layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 1024,
-            "tie_word_embeddings": True,
-            **special,
-        },
+        # The tower's 2-D geometry only sizes the embedding the 3-D one replaces; SigLIP's defaults keep the random
+        # initialisation (and so the recorded figures) of the rest as they were measured.
+        vision_config=vision_config(size, image_size=224, patch_size=16, num_channels=3),
+        text_config={**text_config(size), **special},
         image_token_index=tokenizer.image_token_id,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
