@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, run_without_package, tiny_config
+from test_modeling import make_batch
 from transformers import LlavaConfig, Trainer, TrainerCallback
 
 from umbrella_llava import UmbrellaLlavaForConditionalGeneration, evaluation
+from umbrella_llava.checkpoints import damaged_weight_files
 from umbrella_llava.distributed import check_distributed_launch
 from umbrella_llava.evaluation import accuracy_metrics, evaluate_generation, generation_prompt, normalize_answer
 from umbrella_llava.image_processing_umbrella_llava import UmbrellaVolumeProcessor
@@ -279,6 +281,75 @@ def test_lora_trains_adapters_on_the_language_model_and_the_embedder_and_project
     after = _parameters(trainer.model)
     moved = {name for name in before if not torch.equal(before[name], after[name])}
     assert moved == trainable
+
+
+def test_an_adapter_saved_under_deepspeed_becomes_a_complete_merged_folder(run_inputs, tmp_path):
+    # Under DeepSpeed, Trainer.save_model gathers the partitions and writes an adapter folder; merge_saved_adapter
+    # turns that folder into the merged model. The adapter here is written the way Trainer.save_model writes it.
+    pytest.importorskip("peft")
+    from transformers import AutoModelForImageTextToText
+
+    from umbrella_llava.training import merge_saved_adapter
+
+    args = train_args(run_inputs, tmp_path, "--train_mode", "lora", "--lora_r", "4", "--max_steps", "1")
+    model_args, _, _ = parse_arguments(args)
+    trainer, _ = build_trainer(*parse_arguments(args))
+    with torch.no_grad():  # a trained adapter and trained full copies of the embedder and projector
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    output = tmp_path / "final"
+    trainer.model.save_pretrained(output)
+    trainer.processing_class.save_pretrained(output)
+    assert (output / "adapter_config.json").is_file() and not (output / "config.json").is_file()
+
+    merge_saved_adapter(str(output), model_args)
+
+    assert not (output / "adapter_config.json").exists() and (output / "adapter" / "adapter_config.json").is_file()
+    assert (output / "config.json").is_file() and damaged_weight_files(output, read_tensors=True) == {}
+    loaded = AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True).eval()
+    expected = trainer.model.merge_and_unload().eval()
+    batch = make_batch(expected.config, [1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, expected(**batch).logits)
+    base = AutoModelForImageTextToText.from_pretrained(run_inputs["checkpoint"], trust_remote_code=True).eval()
+    with torch.no_grad():  # the adapter really is in the merged weights
+        assert not torch.allclose(base(**batch).logits, expected(**batch).logits, atol=1e-3)
+
+
+def _zero3_partitioned(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """What deepspeed.zero.Init leaves of a loaded weight on each rank: an empty local placeholder, the rank's
+    partition in the run's dtype (`ds_tensor`) and the full size (`ds_numel`)."""
+    for parameter in module.parameters():
+        parameter.ds_numel = parameter.numel()
+        parameter.ds_tensor = parameter.data.to(dtype).flatten()
+        parameter.data = torch.empty(0, dtype=dtype)
+
+
+def test_parameter_counts_read_the_full_size_of_zero3_partitions():
+    from umbrella_llava.training import parameter_counts
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[1].requires_grad_(False)
+    assert parameter_counts(model) == (15, 23)
+    _zero3_partitioned(model, torch.bfloat16)
+    assert parameter_counts(model) == (15, 23)
+
+
+def test_parameters_added_after_a_zero3_load_take_the_partitions_dtype():
+    # Seen on an H100 with deepspeed 0.19.8: LoRA adapters added after a ZeRO-3 load stayed fp32 beside the bf16
+    # partitions, and DeepSpeed's stage-3 optimiser refused the mixed group.
+    from umbrella_llava.training import match_zero3_dtype
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    _zero3_partitioned(model[0], torch.bfloat16)
+    added = model[1].weight.detach().clone()
+    match_zero3_dtype(model)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(model[1].weight.float(), added, atol=1e-2, rtol=1e-2)
+    plain = torch.nn.Linear(2, 2)  # no ZeRO-3: nothing changes
+    match_zero3_dtype(plain)
+    assert plain.weight.dtype == torch.float32
 
 
 def test_lora_target_modules_must_be_language_model_linear_layers(run_inputs, tmp_path):

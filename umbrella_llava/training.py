@@ -35,6 +35,11 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.integrations.deepspeed import (
+    is_deepspeed_zero3_enabled,
+    set_hf_deepspeed_config,
+    unset_hf_deepspeed_config,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoints import damaged_weight_files, incomplete_checkpoint_reasons
@@ -321,6 +326,34 @@ def configure_trainable_parameters(model: PreTrainedModel, model_args: ModelArgu
     return get_peft_model(model, lora_config)
 
 
+def match_zero3_dtype(model: nn.Module) -> None:
+    """Give the parameters created after loading the dtype ZeRO-3 gave the loaded ones.
+
+    Under ZeRO-3, `from_pretrained` loads inside `deepspeed.zero.Init`, which partitions the weights and casts them to
+    the run's bf16 / fp16; the LoRA adapters PEFT adds afterwards stay fp32, and DeepSpeed's stage-3 optimiser refuses
+    a parameter group of mixed dtypes (`assert len(set(t.dtype for t in tensors)) == 1`, seen on an H100 with
+    deepspeed 0.19.8). DeepSpeed keeps fp32 master copies of every trainable partition, so nothing is lost.
+    """
+    dtypes = {parameter.ds_tensor.dtype for parameter in model.parameters() if hasattr(parameter, "ds_tensor")}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    for parameter in model.parameters():
+        if not hasattr(parameter, "ds_tensor") and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts. `num_parameters` counts a ZeRO-3 partition's local placeholder (empty
+    on every rank); the full size of such a parameter is its `ds_numel`."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        count = getattr(parameter, "ds_numel", parameter.numel())
+        total += count
+        trainable += count if parameter.requires_grad else 0
+    return trainable, total
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
@@ -425,6 +458,8 @@ def build_trainer(
         for record in eval_dataset.records:  # refuse an unusable eval record now, not after hours of training
             generation_prompt(record, processor.image_token)
     model = configure_trainable_parameters(model, model_args)
+    if is_deepspeed_zero3_enabled():
+        match_zero3_dtype(model)
 
     trainer = Trainer(
         model=model,
@@ -435,8 +470,7 @@ def build_trainer(
         processing_class=processor,
     )
     world_size = check_process_group(trainer.args)
-    # A PeftModel hands num_parameters on to the model it wraps, whose modules include the adapters.
-    trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
+    trainable, total = parameter_counts(model)
     _log_main(
         training_args,
         f"train_mode={model_args.train_mode}: {trainable:,} of {total:,} parameters trainable "
@@ -453,16 +487,29 @@ def build_trainer(
     return trainer, generation_callback
 
 
-def save_final_model(trainer: Trainer, train_mode: str) -> None:
+def save_final_model(trainer: Trainer, model_args: ModelArguments) -> None:
     """Save the trained model to `output_dir` as a complete trust_remote_code folder (model, code, processor) with
     its model card (`README.md`).
 
     With LoRA, the adapters are merged into the base weights first, so the folder loads without peft; the adapter
-    itself is in every `checkpoint-N` (which is what `--resume_from_checkpoint` reads).
+    itself is in every `checkpoint-N` (which is what `--resume_from_checkpoint` reads). Under DeepSpeed the adapters
+    live in the engine's partitions: `Trainer.save_model` gathers them into an adapter folder, which is then merged
+    into the base on the main process (`merge_saved_adapter`) and kept in `output_dir/adapter`.
     """
     args = trainer.args
-    if train_mode != "lora" or trainer.is_deepspeed_enabled:
+    if model_args.train_mode != "lora":
         trainer.save_model()
+    elif trainer.is_deepspeed_enabled:
+        trainer.save_model()
+        if args.should_save:
+            # ZeRO-3 makes from_pretrained partition what it loads across the ranks (zero.Init), a collective the
+            # other ranks would never join: the base is read as a plain model while the merge runs.
+            unset_hf_deepspeed_config()
+            try:
+                merge_saved_adapter(args.output_dir, model_args)
+            finally:
+                set_hf_deepspeed_config(args.hf_deepspeed_config)
+        trainer.accelerator.wait_for_everyone()
     else:
         trainer.model = trainer.model.merge_and_unload()
         if args.should_save:
@@ -470,6 +517,35 @@ def save_final_model(trainer: Trainer, train_mode: str) -> None:
             trainer.processing_class.save_pretrained(args.output_dir)
     if args.should_save and os.path.isfile(os.path.join(args.output_dir, "config.json")):
         render_model_card(args.output_dir).save(os.path.join(args.output_dir, "README.md"))
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def merge_saved_adapter(output_dir: str, model_args: ModelArguments) -> None:
+    """Turn an adapter folder written by `Trainer.save_model` into a complete, merged model folder, in place.
+
+    The base is read again from `--model_name_or_path` (in `--dtype`, on the CPU), the saved adapter (LoRA weights
+    and the fully trained embedder and projector) is applied and merged, and the merged model is written over the
+    folder. The adapter files move to `output_dir/adapter`, so that `from_pretrained(output_dir)` reads the merged
+    model and not the adapter.
+    """
+    from peft import PeftModel
+
+    adapter_dir = os.path.join(output_dir, "adapter")
+    os.makedirs(adapter_dir, exist_ok=True)
+    for name in ADAPTER_FILES:
+        if os.path.isfile(os.path.join(output_dir, name)):
+            os.replace(os.path.join(output_dir, name), os.path.join(adapter_dir, name))
+    base_args = ModelArguments(
+        model_name_or_path=model_args.model_name_or_path,
+        dtype=model_args.dtype,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    base, _ = load_model_and_processor(base_args)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(output_dir)
+    print(f"Merged the LoRA adapter into the base: {output_dir} (adapter kept in {adapter_dir}).", flush=True)
 
 
 class GenerationEvaluationError(RuntimeError):
@@ -495,7 +571,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     checkpoint = resolve_resume_checkpoint(training_args)
     trainer, generation_callback = build_trainer(model_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=checkpoint)
-    save_final_model(trainer, model_args.train_mode)
+    save_final_model(trainer, model_args)
     trainer.save_state()
     if generation_callback is not None:
         try:
@@ -533,5 +609,6 @@ __all__ = [
     "configure_trainable_parameters",
     "load_model_and_processor",
     "main",
+    "merge_saved_adapter",
     "run_training",
 ]
