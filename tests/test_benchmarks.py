@@ -1,6 +1,7 @@
 """Smoke tests of the benchmarks in their quickest mode, so that they do not rot. No timing is asserted: only that
 each benchmark runs and reports the expected fields with finite, positive numbers."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -97,6 +98,37 @@ def test_gpu_script_tiny(tmp_path, capsys):
             assert math.isfinite(row[key]) and row[key] > 0, (row["case"], key)
     assert [row["volumes_per_sample"] for row in report["memory"]] == [1, 2, 4, 8, 1, 2, 4, 8]
     assert "| native |" in capsys.readouterr().out
+
+
+def test_gpu_generation_script_tiny(tmp_path):
+    from benchmarks.gpu_generation import main
+
+    report = main(["--tiny", "--new-tokens", "4", "--repeats", "1", "--out", str(tmp_path / "generation.json")])
+    assert json.loads((tmp_path / "generation.json").read_text())["decode"] == report["decode"]
+    cases = [(row["batch"], row["case"]) for row in report["prefill"]]
+    assert len(cases) == 6 and {batch for batch, _ in cases} == {1, 4}
+    assert [row["case"] for row in report["decode"]["rows"]] == [
+        "dynamic cache, eager",
+        "static cache, compiled (fullgraph)",
+    ]
+    assert report["decode"]["token_agreement"] == 1.0  # the compiled decoding step gives the eager tokens
+    assert all(row["new_tokens_per_s"] > 0 for row in report["decode"]["rows"])
+
+
+@pytest.mark.slow
+def test_engines_script_runs_umbrella_train_and_reads_its_run(tmp_path):
+    from benchmarks.engines import main
+
+    workdir = tmp_path / "engines"
+    report = main(
+        ["--tiny", "--use-cpu", "--engines", "ddp", "--max-steps", "2", "--workdir", str(workdir)]
+        + ["--out", str(tmp_path / "engines.json")]
+    )
+    run = report["runs"]["ddp"]
+    assert run["returncode"] == 0, run.get("log_tail")
+    assert len(run["losses"]) == 2 and all(math.isfinite(loss) for loss in run["losses"])
+    assert run["saved_folder_problems"] == [] and run["saved_weight_files"] == ["model.safetensors"]
+    assert not run["adapter_only"]
 
 
 @pytest.mark.slow
