@@ -414,6 +414,36 @@ def test_disk_offload_safetensors(tokenizer, tmp_path, vision):
         torch.testing.assert_close(offloaded(**batch).logits, model(**batch).logits)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading beside a GPU needs a GPU")
+@pytest.mark.parametrize("offload_to", ["cpu", "disk"])
+def test_cpu_offload_beside_a_gpu(volume_sensitive_model, tmp_path, offload_to):
+    """What `device_map="auto"` does when GPU memory is short: the 3-D embedder and the projector on the CPU (or on
+    disk), everything else on the GPU; the logits and the generated tokens are the ones of the model wholly on the
+    GPU, and other volumes give other tokens."""
+    model = volume_sensitive_model.eval()
+    model.save_pretrained(tmp_path / "model")
+    device_map = {f"model.vision_tower.{name}": 0 for name, _ in model.model.vision_tower.named_children()}
+    device_map.update(
+        {
+            "model.vision_tower.embeddings": offload_to,
+            "model.multi_modal_projector": offload_to,
+            "model.language_model": 0,
+            "lm_head": 0,
+        }
+    )
+    offloaded = UmbrellaLlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload"
+    ).eval()
+    on_gpu = model.to("cuda")
+    batch = {key: value.to("cuda") for key, value in make_batch(model.config, [2, 1]).items()}
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(**batch).logits, on_gpu(**batch).logits)
+    generated = offloaded.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert generated.tolist() == on_gpu.generate(**batch, max_new_tokens=6, do_sample=False).tolist()
+    other = {**batch, "pixel_values": torch.flip(batch["pixel_values"], dims=[0]) * 3}
+    assert offloaded.generate(**other, max_new_tokens=6, do_sample=False).tolist() != generated.tolist()
+
+
 @pytest.mark.parametrize("mode", ["assistant_model", "prompt_lookup_num_tokens"])
 def test_assisted_decoding_matches_greedy_search(volume_sensitive_model, mode):
     """Also `test_prompt_lookup_decoding_matches_greedy_search`. The assistant (the model itself) fills its own cache
