@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from einops import rearrange
-from transformers import CompileConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CompileConfig, GenerationMixin, LlavaConfig, LlavaForConditionalGeneration
 
 from umbrella_llava import UmbrellaLlavaConfig, UmbrellaLlavaForConditionalGeneration, UmbrellaVolumeEmbeddings
 
@@ -177,6 +177,21 @@ def test_per_sample_mismatch_is_an_error_even_when_totals_agree(tiny_model):
         tiny_model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], image_mask=swapped)
 
 
+@pytest.mark.parametrize("chunking", [{}, {"prefill_chunk_size": 5}])
+def test_generate_refuses_a_per_sample_mismatch_even_when_totals_agree(tiny_model, chunking):
+    """The same check when generate() encodes the volumes before the prefill (5.2x), also when the prefill then
+    reads them chunk by chunk, as when the forward gets them."""
+    if chunking and not hasattr(GenerationMixin, "_supports_mm_encoder_outputs"):
+        pytest.skip(NO_PRE_ENCODING + " to every chunk")
+    batch = make_batch(tiny_model.config, [1, 2], slots=2)
+    swapped = batch["image_mask"].flip(0)
+    inputs = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"], "image_mask": swapped}
+    with pytest.raises(
+        ValueError, match=r"sample 0: 8 image tokens, 2 volumes .*sample 1: 16 image tokens, 1 volumes"
+    ):
+        _generate(tiny_model, **inputs, **chunking)
+
+
 def test_mask_and_counts_that_disagree_are_an_error(tiny_model):
     batch = make_batch(tiny_model.config, [1, 2], slots=2)
     with pytest.raises(ValueError, match="image_mask and num_images_per_sample disagree"):
@@ -197,6 +212,16 @@ def test_image_tokens_without_volumes_are_an_error(tiny_model):
 
 
 # 4. generate()
+
+
+NO_PRE_ENCODING = (
+    "transformers 5.17's generate() has no pre-encoding hook (mm_encoder_outputs): it passes the raw volumes"
+)
+
+
+def pre_encodes(model) -> bool:
+    """Whether this transformers' generate() encodes the volumes once before the prefill (5.2x, `mm_encoder_outputs`)."""
+    return bool(getattr(model, "_supports_mm_encoder_outputs", lambda: False)())
 
 
 def _generate(model, **inputs):
@@ -447,8 +472,11 @@ def test_cpu_offload_beside_a_gpu(volume_sensitive_model, tmp_path, offload_to):
 @pytest.mark.parametrize("mode", ["assistant_model", "prompt_lookup_num_tokens"])
 def test_assisted_decoding_matches_greedy_search(volume_sensitive_model, mode):
     """Also `test_prompt_lookup_decoding_matches_greedy_search`. The assistant (the model itself) fills its own cache
-    on a forward transformers does not count as the first, and must get the volumes there too."""
+    on a forward transformers does not count as the first, and must get the volumes there too: raw on 5.17, which
+    the assistant encodes again; from 5.2x on, the features generate() encoded once, which transformers hands to the
+    assistant."""
     model = volume_sensitive_model
+    encodings = 1 if mode == "prompt_lookup_num_tokens" or pre_encodes(model) else 2
     encoded = []
     hook = model.model.vision_tower.embeddings.register_forward_hook(
         lambda module, args, out: encoded.append(args[0].shape[0])
@@ -462,11 +490,118 @@ def test_assisted_decoding_matches_greedy_search(volume_sensitive_model, mode):
             encoded.clear()
             assisted = _generate(model, **inputs, **assistance)
             assert assisted.tolist() == greedy.tolist()
-            assert encoded == ([1, 1] if mode == "assistant_model" else [1])  # the assistant's prefill saw the volume
+            assert encoded == [1] * encodings  # the assistant's prefill saw the volume
             answers.append(assisted[0, -6:].tolist())
     finally:
         hook.remove()
     assert answers[0] != answers[1]  # other volumes, other tokens
+
+
+@pytest.mark.skipif(not hasattr(GenerationMixin, "_supports_mm_encoder_outputs"), reason=NO_PRE_ENCODING)
+def test_generate_pre_encodes_volumes_through_mm_encoder_outputs(volume_sensitive_model, monkeypatch):
+    """generate() encodes the valid volumes once, through get_image_features, and the prefill reads them from
+    `mm_encoder_outputs` with each sample's count; the tokens are those of the raw-volume path."""
+    model = volume_sensitive_model
+    batch = make_batch(model.config, [2, 1, 0], slots=2)
+    encoded, forwards = [], []
+    hooks = [
+        model.model.vision_tower.embeddings.register_forward_hook(
+            lambda m, args, out: encoded.append(args[0].shape[0])
+        ),
+        model.register_forward_pre_hook(lambda m, args, kwargs: forwards.append(kwargs), with_kwargs=True),
+    ]
+    try:
+        pre_encoded = _generate(model, **batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert encoded == [3]  # the three valid volumes, once, before the prefill
+    prefill = forwards[0]
+    assert prefill.get("pixel_values") is None
+    image = prefill["mm_encoder_outputs"]["image"]
+    assert image.pooler_output.shape[:2] == (3, model.config.image_seq_length)
+    assert image.num_images_per_sample.tolist() == [2, 1, 0]
+    assert all(kwargs.get("mm_encoder_outputs") is None for kwargs in forwards[1:])
+
+    monkeypatch.setattr(model, "_supports_mm_encoder_outputs", lambda: False)  # raw volumes into the prefill
+    assert _generate(model, **batch).tolist() == pre_encoded.tolist()
+    other = _generate(model, **other_volumes(batch))
+    assert other[0, -6:].tolist() != pre_encoded[0, -6:].tolist()
+
+
+@pytest.mark.skipif(
+    not hasattr(GenerationMixin, "_supports_mm_encoder_outputs"),
+    reason=NO_PRE_ENCODING + " to every chunk, and a chunk cannot hold part of a volume",
+)
+@pytest.mark.parametrize("chunk_size", [3, 8, 13])
+def test_prefill_chunking_matches_unchunked_generation(volume_sensitive_model, chunk_size):
+    """`prefill_chunk_size` splits the prompt, image-token blocks included (8 tokens per volume here), and gives
+    the tokens of the unchunked prefill; other volumes give other tokens."""
+    model = volume_sensitive_model
+    batch = make_batch(model.config, [2, 1, 0], slots=2)
+    whole = _generate(model, **batch)
+    chunked = _generate(model, **batch, prefill_chunk_size=chunk_size)
+    assert chunked.tolist() == whole.tolist()
+    other = _generate(model, **other_volumes(batch), prefill_chunk_size=chunk_size)
+    assert other[0, -6:].tolist() != chunked[0, -6:].tolist()
+    assert other[1, -6:].tolist() != chunked[1, -6:].tolist()
+
+
+def test_sample_generate(volume_sensitive_model):
+    """Sampling keeps each sample's volumes: the same seed gives the same tokens, near-zero temperature gives the
+    greedy tokens of a left-padded batch, and other volumes give other tokens."""
+    model = volume_sensitive_model
+    batch = make_batch(model.config, [2, 1], slots=2)
+    sampled = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        sampled.append(model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=0))
+    assert sampled[0].tolist() == sampled[1].tolist()
+    cold = model.generate(**batch, max_new_tokens=6, do_sample=True, temperature=1e-4, top_k=0, pad_token_id=0)
+    assert cold.tolist() == _generate(model, **batch).tolist()
+    torch.manual_seed(0)
+    other = model.generate(**other_volumes(batch), max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=0)
+    assert other[:, -6:].tolist() != sampled[0][:, -6:].tolist()
+
+
+def test_resize_tokens_embeddings(tiny_model):
+    """Growing the vocabulary (new special tokens) keeps the volume path and every old token's logit."""
+    model = tiny_model
+    batch = make_batch(model.config, [2, 1], slots=2)
+    with torch.no_grad():
+        before = model(**batch).logits
+    vocab = model.config.text_config.vocab_size
+    model.resize_token_embeddings(vocab + 10, pad_to_multiple_of=8)
+    grown = model.config.text_config.vocab_size
+    assert grown >= vocab + 10 and grown % 8 == 0
+    assert model.get_input_embeddings().weight.shape[0] == model.lm_head.weight.shape[0] == grown
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert after.shape[-1] == grown
+    torch.testing.assert_close(after[..., :vocab], before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_matches_sdpa_inference(tokenizer, dtype):
+    """Eager and SDPA attention give the same logits and image features with volumes, in a left-padded batch with
+    a text-only sample (compared where the attention mask is 1)."""
+    models = {}
+    for implementation in ("eager", "sdpa"):
+        config = tiny_config(tokenizer)
+        config._attn_implementation = implementation  # the towers' sub-configs follow
+        torch.manual_seed(0)
+        models[implementation] = UmbrellaLlavaForConditionalGeneration(config).eval()
+        for tower in (models[implementation].model.vision_tower, models[implementation].model.language_model):
+            assert tower.config._attn_implementation == implementation
+    eager, sdpa = models["eager"], models["sdpa"]
+    eager, sdpa = eager.to(dtype), sdpa.to(dtype)
+    batch = make_batch(eager.config, [2, 1, 0], slots=2)
+    with torch.no_grad():
+        out_eager, out_sdpa = eager(**batch), sdpa(**batch)
+    keep = batch["attention_mask"].bool()
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(out_sdpa.logits[keep], out_eager.logits[keep], **tolerance)
+    torch.testing.assert_close(out_sdpa.image_hidden_states, out_eager.image_hidden_states, **tolerance)
 
 
 def test_generate_compile_model_forward_fullgraph(volume_sensitive_model):

@@ -16,6 +16,7 @@ single-dot relative imports.
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 from einops.layers.torch import Rearrange, Reduce
@@ -27,6 +28,22 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, L
 from transformers.utils import can_return_tuple
 
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
+
+
+@dataclass
+class UmbrellaVolumeFeaturesOutput(BaseModelOutputWithPooling):
+    r"""
+    The vision tower's output for a batch of volumes, with each sample's volume count beside the features.
+
+    pooler_output (`torch.FloatTensor` of shape `(M, image_seq_length, text_hidden)`):
+        The valid volumes' image-token features, in (sample, slot) order.
+    num_images_per_sample (`torch.LongTensor` of shape `(B,)`):
+        Volumes per sample, so that pre-encoded features (`mm_encoder_outputs`) are checked against each sample's
+        image tokens as raw volumes are; `None` for flattened volumes given without counts.
+    """
+
+    num_images_per_sample: torch.LongTensor | None = None
+
 
 _AUTO_MAP = {
     "AutoConfig": "configuration_umbrella_llava.UmbrellaLlavaConfig",
@@ -261,13 +278,14 @@ def check_image_token_blocks(special_image_mask: torch.Tensor, image_seq_length:
 
 
 def check_volumes_are_finite(
-    volumes: torch.Tensor, num_images_per_sample: torch.Tensor, image_mask: torch.Tensor | None = None
+    volumes: torch.Tensor, num_images_per_sample: torch.Tensor | None, image_mask: torch.Tensor | None = None
 ) -> None:
     """Refuse NaN or Inf voxels in the valid volumes, which would make the loss NaN without naming a sample.
 
     Args:
         volumes: `(M, C, H, W, D)` valid volumes in (sample, slot) order, as [`flatten_volumes`] returns them.
-        num_images_per_sample: `(B,)` volumes per sample.
+        num_images_per_sample: `(B,)` volumes per sample; `None` for flattened volumes whose owners are not known
+            yet, which are then named by their rank in `volumes`.
         image_mask: `(B, N)` slots of 6-D `pixel_values`, to name the slot; without it, the slot is the volume's rank
             among its sample's volumes.
 
@@ -278,6 +296,12 @@ def check_volumes_are_finite(
     if bool(finite.all()):
         return
     bad = (~finite).nonzero().flatten().cpu()
+    if image_mask is None and num_images_per_sample is None:
+        listed = ", ".join(f"volume {m} of {volumes.shape[0]}" for m in bad.tolist())
+        raise ValueError(
+            f"pixel_values holds NaN or Inf voxels in {listed}. Check those volumes' files (the volume processor "
+            "refuses non-finite and blank volumes unless allowed) or the transform that produced them."
+        )
     if image_mask is not None:
         where = image_mask.nonzero().cpu()[bad].tolist()
     else:
@@ -414,14 +438,17 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
 
     def get_image_features(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         image_mask: torch.Tensor | None = None,
         num_images_per_sample: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling:
+    ) -> UmbrellaVolumeFeaturesOutput | None:
         """Encode the valid volumes of a batch and project them to the language model's width.
+
+        This is the hook `generate()` calls to pre-encode the volumes once, before the prefill (transformers 5.2x
+        passes the result to the forward as `mm_encoder_outputs`, which `prefill_chunk_size` needs).
 
         Args:
             pixel_values: `(B, N, C, H, W, D)` slots with `image_mask` and/or `num_images_per_sample` (all slots when
@@ -431,10 +458,30 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
                 config's when `None`.
 
         Returns:
-            The vision tower's output, whose `pooler_output` holds the valid volumes' image-token features
-            `(M, image_seq_length, text_hidden)` in (sample, slot) order.
+            [`UmbrellaVolumeFeaturesOutput`]: the vision tower's output, whose `pooler_output` holds the valid volumes'
+            image-token features `(M, image_seq_length, text_hidden)` in (sample, slot) order, with the volumes per
+            sample beside them; `None` when `pixel_values` is `None`.
+
+        Raises:
+            ValueError: as [`flatten_volumes`], or naming each volume that holds NaN or Inf voxels.
         """
-        volumes, _ = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
+        if pixel_values is None:
+            # generate() pre-encodes whenever the call names pixel_values, also as None for a text-only prompt.
+            return None
+        volumes, counts = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
+        check_volumes_are_finite(volumes, counts, image_mask if pixel_values.dim() == 6 else None)
+        kwargs.pop("return_dict", None)  # generate() asks for a dict, which this always returns
+        image_outputs = self._encode_volumes(volumes, vision_feature_layer, vision_feature_select_strategy, **kwargs)
+        return UmbrellaVolumeFeaturesOutput(**image_outputs, num_images_per_sample=counts)
+
+    def _encode_volumes(
+        self,
+        volumes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """`(M, C, H, W, D)` valid volumes through the tower and projector, unchecked (the callers check)."""
         image_outputs = super().get_image_features(
             pixel_values=volumes,
             vision_feature_layer=vision_feature_layer,
@@ -445,6 +492,17 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         # LLaVA lists one (tokens, hidden) tensor per image, as its images may differ in size; volumes never do.
         image_outputs.pooler_output = torch.stack(list(image_outputs.pooler_output))
         return image_outputs
+
+    def _image_token_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`(B, L)` bool, True at image tokens, read from the ids or, without them, from the embeddings."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
 
     def get_placeholder_mask(
         self,
@@ -469,14 +527,7 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
                 when the batch totals agree, and every sample whose blocks are split by text; or if a volume's
                 features are not `image_seq_length` long.
         """
-        if input_ids is None:
-            image_embedding = self.get_input_embeddings()(
-                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
-            )
-            special_image_mask = (inputs_embeds == image_embedding).all(-1)
-        else:
-            special_image_mask = input_ids == self.config.image_token_id
-
+        special_image_mask = self._image_token_mask(input_ids, inputs_embeds)
         seq_length = self.config.image_seq_length
         tokens_per_sample = special_image_mask.sum(dim=1).cpu()
         if image_features is None:
@@ -515,6 +566,30 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         check_image_token_blocks(special_image_mask, seq_length)
         return special_image_mask.unsqueeze(-1)
 
+    def _write_pre_encoded_features(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, pre_encoded: BaseModelOutputWithPooling
+    ) -> torch.Tensor:
+        """Write pre-encoded volume features into the image tokens of `inputs_embeds` (see `mm_encoder_outputs`)."""
+        features = pre_encoded.pooler_output
+        if isinstance(features, (list, tuple)):
+            features = torch.cat([feature.reshape(-1, feature.shape[-1]) for feature in features])
+        features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+        counts = getattr(pre_encoded, "num_images_per_sample", None)
+        if counts is not None:
+            if features.dim() == 2:
+                features = features.reshape(-1, self.config.image_seq_length, features.shape[-1])
+            placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds, features, counts)
+        else:
+            placeholder_mask = self._image_token_mask(input_ids, inputs_embeds).unsqueeze(-1)
+            rows = features.numel() // features.shape[-1]
+            tokens = int(placeholder_mask.sum())
+            if tokens != rows:
+                raise ValueError(
+                    f"The text holds {tokens} image tokens, but mm_encoder_outputs['image'] holds {rows} feature rows "
+                    "(pre-encoded features without num_images_per_sample fill the image tokens one row each)."
+                )
+        return inputs_embeds.masked_scatter(placeholder_mask.to(inputs_embeds.device), features)
+
     @can_return_tuple
     def forward(
         self,
@@ -526,6 +601,7 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ):
         r"""
@@ -542,6 +618,11 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
                 Volumes per sample; with 6-D `pixel_values` and no `image_mask`, the first slots are taken.
             vision_feature_layer, vision_feature_select_strategy:
                 As in [`LlavaModel.forward`]; the config's when `None`.
+            mm_encoder_outputs (`dict`):
+                Volumes encoded beforehand, under `"image"`, in place of `pixel_values` (what `generate()` passes). With
+                `num_images_per_sample` (as [`get_image_features`] returns them) they are checked per sample like
+                raw volumes; without it (one chunk of a chunked prefill) they are feature rows that fill the text's
+                image tokens one each, in (sample, position) order, and only their number is checked.
             **kwargs:
                 Passed on to [`LlavaModel.forward`] (cache, position ids, attention options, ...).
 
@@ -568,11 +649,17 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
             "vision_feature_select_strategy": vision_feature_select_strategy,
         }
 
+        pre_encoded = (mm_encoder_outputs or {}).get("image")
+        if pre_encoded is not None and pixel_values is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
         volumes, counts, image_outputs = None, None, None
         if pixel_values is not None:
             volumes, counts = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
-        if volumes is not None and volumes.shape[0] > 0:
-            image_outputs = self.get_image_features(volumes, **feature_options)
+        if pre_encoded is not None:
+            image_outputs = pre_encoded
+            inputs_embeds = self._write_pre_encoded_features(input_ids, inputs_embeds, pre_encoded)
+        elif volumes is not None and volumes.shape[0] > 0:
+            image_outputs = self._encode_volumes(volumes, **feature_options)
             image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
             placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features, counts)
             if counts is None:  # flattened volumes owned by the text's blocks, which the check above matched
@@ -586,7 +673,7 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
                 blank = torch.zeros(
                     (1, self.config.volume_channels, *self.config.volume_size), device=inputs_embeds.device
                 )
-                blank_features = self.get_image_features(blank, **feature_options).pooler_output
+                blank_features = self._encode_volumes(blank, **feature_options).pooler_output
                 inputs_embeds = inputs_embeds + 0.0 * blank_features.sum().to(inputs_embeds.dtype)
             if input_ids is not None and kwargs.get("cache", kwargs.get("past_key_values")) is None:
                 # Image tokens without volumes would train on the token's embedding instead of a scan: refuse.
@@ -616,13 +703,13 @@ class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaF
 
     def get_image_features(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         image_mask: torch.Tensor | None = None,
         num_images_per_sample: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling:
+    ) -> UmbrellaVolumeFeaturesOutput | None:
         """As [`UmbrellaLlavaModel.get_image_features`]."""
         return self.model.get_image_features(
             pixel_values,
@@ -642,12 +729,14 @@ class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaF
         num_images_per_sample: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ):
         r"""
         Args:
-            input_ids, pixel_values, attention_mask, image_mask, num_images_per_sample:
-                As in [`UmbrellaLlavaModel.forward`].
+            input_ids, pixel_values, attention_mask, image_mask, num_images_per_sample, mm_encoder_outputs:
+                As in [`UmbrellaLlavaModel.forward`]. Naming `mm_encoder_outputs` here is what makes `generate()`
+                (transformers 5.2x) encode the volumes once through [`get_image_features`] before the prefill.
             labels (`torch.LongTensor` of shape `(B, L)`):
                 Next-token targets; -100 where no loss is taken (prompt, padding, image tokens).
             logits_to_keep (`int` or `torch.Tensor`):
@@ -657,6 +746,8 @@ class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaF
                 Passed on to [`LlavaForConditionalGeneration.forward`]: cache, vision feature layer and strategy, and
                 the Trainer's `num_items_in_batch`, which keeps the loss normalised over gradient-accumulation steps.
         """
+        if mm_encoder_outputs is not None:  # LLaVA's forward names it from transformers 5.2x on, 5.17 passes it on
+            kwargs["mm_encoder_outputs"] = mm_encoder_outputs
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -679,11 +770,12 @@ class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaF
         is_first_iteration: bool | None = False,
         **kwargs,
     ):
-        # transformers passes volumes on the first iteration only. An assistant model's first forward is not one,
-        # yet it fills an empty cache with the whole prompt, so the volumes go to whichever forward fills an empty
-        # cache. This runs eagerly, outside a compiled forward. The forward skips its text-only check when it has a
-        # cache, so a prompt without volumes is checked here, once. (The cache is `cache` from transformers 5.2x on,
-        # `past_key_values` before; `generate()` validates its keywords against this signature.)
+        # transformers passes volumes (raw, or pre-encoded as `mm_encoder_outputs`) on the first iteration only. An
+        # assistant model's first forward is not one, yet it fills an empty cache with the whole prompt, so the
+        # volumes go to whichever forward fills an empty cache. This runs eagerly, outside a compiled forward. A
+        # prompt's image tokens are checked against its volumes once, in `_expand_inputs_for_generation`. (The cache
+        # is `cache` from transformers 5.2x on, `past_key_values` before; `generate()` validates its keywords against
+        # this signature.)
         given_cache = {"cache": cache} if cache is not None else {}
         if past_key_values is not None:
             cache, given_cache = past_key_values, {"past_key_values": past_key_values}
@@ -697,21 +789,47 @@ class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaF
             **kwargs,
         )
         fills_cache = is_first_iteration or cache is None or int(cache.get_seq_length()) == 0
-        for name in ("pixel_values", "image_mask", "num_images_per_sample"):
+        for name in ("pixel_values", "image_mask", "num_images_per_sample", "mm_encoder_outputs"):
             if fills_cache and kwargs.get(name) is not None:
                 model_inputs[name] = kwargs[name]
             else:
                 model_inputs.pop(name, None)
-        if fills_cache and model_inputs.get("pixel_values") is None and model_inputs.get("input_ids") is not None:
-            self.model.get_placeholder_mask(model_inputs["input_ids"], None, None)
         return model_inputs
 
+    def _check_generation_prompt(self, input_ids: torch.LongTensor | None, model_kwargs: dict) -> None:
+        """Refuse a prompt whose image tokens do not match its volumes, sample by sample, before any forward.
+
+        The forward checks raw volumes at the prefill, but not image tokens without volumes once a cache is given,
+        nor a prompt whose pre-encoded features reach the forward chunk by chunk (`prefill_chunk_size`).
+        """
+        if input_ids is None or input_ids.numel() == 0:
+            return
+        pre_encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if pre_encoded is not None:
+            counts = getattr(pre_encoded, "num_images_per_sample", None)
+            if counts is not None:
+                self.model.get_placeholder_mask(input_ids, None, pre_encoded.pooler_output, counts)
+        elif model_kwargs.get("pixel_values") is None:
+            self.model.get_placeholder_mask(input_ids, None, None)
+
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # generate() calls this once per call, after any pre-encoding: the place to check the whole prompt.
+        self._check_generation_prompt(input_ids, model_kwargs)
         # Beams and `num_return_sequences` repeat every tensor along dim 0. That is right for (B, N, ...) slots, but
         # flattened (M, ...) volumes must be repeated per sample, not per volume, to stay with their sample.
+        # transformers repeats pre-encoded features per sample itself; their counts follow here.
+        pre_encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
         pixel_values = model_kwargs.get("pixel_values")
-        if expand_size == 1 or pixel_values is None or pixel_values.dim() != 5:
+        if expand_size == 1 or (pre_encoded is None and (pixel_values is None or pixel_values.dim() != 5)):
             return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        if pre_encoded is not None:
+            counts = getattr(pre_encoded, "num_images_per_sample", None)
+            input_ids, model_kwargs = super()._expand_inputs_for_generation(
+                expand_size, is_encoder_decoder, input_ids, **model_kwargs
+            )
+            if counts is not None:
+                pre_encoded.num_images_per_sample = counts.repeat_interleave(expand_size)
+            return input_ids, model_kwargs
 
         _, counts = flatten_volumes(
             pixel_values, model_kwargs.get("image_mask"), model_kwargs.get("num_images_per_sample")
@@ -737,6 +855,7 @@ __all__ = [
     "UmbrellaLlavaPreTrainedModel",
     "UmbrellaMultiModalProjector",
     "UmbrellaVolumeEmbeddings",
+    "UmbrellaVolumeFeaturesOutput",
     "UmbrellaVolumeMerger",
     "flatten_volumes",
 ]
