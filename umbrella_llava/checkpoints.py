@@ -13,32 +13,11 @@ import os
 import zipfile
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+from .modeling_umbrella_llava import damaged_weight_files
 
 TRAINER_STATE = "trainer_state.json"
 # Files `torch.save` writes in a checkpoint-N folder; each is a zip archive, whose directory sits at its very end.
 TORCH_STATE_SUFFIXES = (".pt", ".pth", ".bin")
-
-
-def damaged_weight_files(folder: str | os.PathLike, read_tensors: bool = False) -> dict[str, str]:
-    """The `*.safetensors` files of `folder` that do not deserialize, each with what is wrong.
-
-    Opening a file reads its header and checks that the tensors it lists cover the file exactly, which catches a
-    truncated or padded file at no cost. With `read_tensors`, every tensor is also read (as a push does before upload).
-
-    Returns:
-        `{file name: reason}`; empty when every weights file is whole.
-    """
-    damaged = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with safe_open(path, framework="pt") as weights:
-                if read_tensors:
-                    for name in weights.keys():
-                        weights.get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-            damaged[path.name] = f"does not deserialize (truncated or damaged?): {error}"
-    return damaged
 
 
 def incomplete_checkpoint_reasons(folder: str | os.PathLike) -> list[str]:

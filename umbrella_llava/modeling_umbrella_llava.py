@@ -335,19 +335,30 @@ def init_volume_embeddings(module: UmbrellaVolumeEmbeddings, vision_config) -> N
     init.zeros_(module.patch_embedding.bias)
 
 
-def _damaged_weight_files(folder: str | os.PathLike) -> str:
-    """Name the `*.safetensors` files of `folder` that do not open (a truncated file fails on its header)."""
+def damaged_weight_files(folder: str | os.PathLike, read_tensors: bool = False) -> dict[str, str]:
+    """The `*.safetensors` files of `folder` that do not deserialize, each with what is wrong.
+
+    Opening a file reads its header and checks that the tensors it lists cover the file exactly, which catches a
+    truncated or padded file at no cost. With `read_tensors`, every tensor is also read (as a push does before upload).
+    The one definition: `checkpoints.py` (resume, training, push) uses it too.
+
+    Returns:
+        `{file name: reason}`; empty when every weights file is whole.
+    """
     from transformers.modeling_utils import safe_open  # safetensors, through transformers (remote-code rule)
 
-    damaged = []
+    damaged = {}
     for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(os.path.join(folder, name), framework="pt"):
-                    pass
-            except Exception as error:  # any failure to open is what we report
-                damaged.append(f"{os.path.join(folder, name)} is truncated or damaged ({error})")
-    return "; ".join(damaged) or "a weights file does not deserialize"
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt") as weights:
+                if read_tensors:
+                    for key in weights.keys():
+                        weights.get_tensor(key)
+        except Exception as error:  # whatever stops deserialisation is what we report
+            damaged[name] = f"does not deserialize (truncated or damaged?): {error}"
+    return damaged
 
 
 class UmbrellaLlavaPreTrainedModel(LlavaPreTrainedModel):
@@ -362,9 +373,11 @@ class UmbrellaLlavaPreTrainedModel(LlavaPreTrainedModel):
             # safetensors reports a truncated or damaged file without its name; say which file it is.
             if type(error).__name__ != "SafetensorError" or not os.path.isdir(pretrained_model_name_or_path):
                 raise
+            damaged = damaged_weight_files(pretrained_model_name_or_path)
+            named = "; ".join(f"{os.path.join(pretrained_model_name_or_path, n)} {r}" for n, r in damaged.items())
             raise OSError(
-                f"Cannot load {pretrained_model_name_or_path}: {_damaged_weight_files(pretrained_model_name_or_path)}"
-                f" ({error}). Save or download the checkpoint again."
+                f"Cannot load {pretrained_model_name_or_path}: {named or 'a weights file does not deserialize'} "
+                f"({error}). Save or download the checkpoint again."
             ) from error
 
     @classmethod
@@ -856,6 +869,7 @@ __all__ = [
     "UmbrellaMultiModalProjector",
     "UmbrellaVolumeEmbeddings",
     "UmbrellaVolumeFeaturesOutput",
+    "damaged_weight_files",
     "UmbrellaVolumeMerger",
     "flatten_volumes",
 ]
