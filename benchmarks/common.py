@@ -8,47 +8,18 @@ absolute time says little; a ratio of neighbours in time says a lot.
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from umbrella_llava import UmbrellaLlavaConfig, UmbrellaLlavaForConditionalGeneration
+from umbrella_llava import UmbrellaLlavaForConditionalGeneration, model_sizes
 from umbrella_llava.data import IGNORE_INDEX
+from umbrella_llava.model_sizes import DEFAULT_IMAGE_TOKEN_ID as IMAGE_TOKEN_ID
+from umbrella_llava.model_sizes import ModelSize, llava_config_kwargs, text_config, umbrella_config
 
-IMAGE_TOKEN_ID = 3
 TEXT_TOKENS_PER_SAMPLE = 32
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    """The sizes of one benchmark model. The same vision encoder and language model back ours and stock LLaVA."""
-
-    name: str
-    vision_hidden: int
-    vision_intermediate: int
-    vision_layers: int
-    vision_heads: int
-    text_hidden: int
-    text_intermediate: int
-    text_layers: int
-    text_heads: int
-    text_kv_heads: int
-    vocab_size: int
-    volume_size: int  # voxels per axis of a cubic volume
-    volume_patch: int  # voxels per axis of a cubic patch
-    tie_word_embeddings: bool = False
-
-    @property
-    def tokens_per_volume(self) -> int:
-        return (self.volume_size // self.volume_patch) ** 3
-
-    def describe(self) -> str:
-        return (
-            f"vision {self.vision_layers}×{self.vision_hidden} (SigLIP), LM {self.text_layers}×{self.text_hidden} "
-            f"(Qwen2, vocab {self.vocab_size}), {self.volume_size}³ volumes / {self.volume_patch}³ patches = "
-            f"{self.tokens_per_volume} tokens"
-        )
+# ModelSize and text_config are the package's (model_sizes.py), re-exported for the benchmark modules.
+__all__ = ["ModelSize", "text_config", "vision_config", "build_umbrella", "build_stock", "IMAGE_TOKEN_ID"]
 
 
 # Small but not toy: every matmul is big enough that framework overhead does not dominate on a CPU.
@@ -58,31 +29,11 @@ TINY = ModelSize("tiny", 32, 64, 2, 4, 64, 128, 2, 4, 2, 512, 16, 4)
 
 
 def vision_config(size: ModelSize, image_size: int, patch_size: int, num_channels: int) -> dict:
-    return {
-        "model_type": "siglip_vision_model",
-        "hidden_size": size.vision_hidden,
-        "intermediate_size": size.vision_intermediate,
-        "num_hidden_layers": size.vision_layers,
-        "num_attention_heads": size.vision_heads,
-        "image_size": image_size,
-        "patch_size": patch_size,
-        "num_channels": num_channels,
-        "vision_use_head": False,
-    }
-
-
-def text_config(size: ModelSize) -> dict:
-    return {
-        "model_type": "qwen2",
-        "hidden_size": size.text_hidden,
-        "intermediate_size": size.text_intermediate,
-        "num_hidden_layers": size.text_layers,
-        "num_attention_heads": size.text_heads,
-        "num_key_value_heads": size.text_kv_heads,
-        "vocab_size": size.vocab_size,
-        "max_position_embeddings": 8192,
-        "tie_word_embeddings": size.tie_word_embeddings,
-    }
+    """The package's tower sub-config (`umbrella_llava.model_sizes`) with SigLIP's head off, as every recorded
+    benchmark figure was measured."""
+    return model_sizes.vision_config(
+        size, image_size=image_size, patch_size=patch_size, num_channels=num_channels, use_head=False
+    )
 
 
 def build_umbrella(
@@ -90,19 +41,8 @@ def build_umbrella(
 ) -> UmbrellaLlavaForConditionalGeneration:
     """A randomly initialised UmbrellaLlava of `size`, in training mode; `volume_merge_size` merges that many patch
     tokens per axis into one (`size.tokens_per_volume / volume_merge_size**3` image tokens per volume)."""
-    config = UmbrellaLlavaConfig(
-        vision_config=vision_config(size, image_size=size.volume_size, patch_size=size.volume_patch, num_channels=1),
-        text_config=text_config(size),
-        image_token_index=IMAGE_TOKEN_ID,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        projector_hidden_act="gelu",
-        volume_size=(size.volume_size,) * 3,
-        volume_patch_size=(size.volume_patch,) * 3,
-        volume_channels=1,
-        volume_merge_size=volume_merge_size,
-        tie_word_embeddings=size.tie_word_embeddings,
-    )
+    geometry = {"image_size": size.volume_size, "patch_size": size.volume_patch, "num_channels": 1}
+    config = umbrella_config(size, vision_options={**geometry, "use_head": False}, volume_merge_size=volume_merge_size)
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)
     return UmbrellaLlavaForConditionalGeneration(config).train()
@@ -121,12 +61,9 @@ def build_stock(size: ModelSize, attn_implementation: str = "sdpa") -> LlavaForC
     """Stock LLaVA with the same encoder layers and LM as `build_umbrella(size)`, on 2-D images with the same
     number of patches per image and the same number of values per patch."""
     image_side, patch_side, channels = stock_image_geometry(size)
+    geometry = {"image_size": image_side, "patch_size": patch_side, "num_channels": channels, "use_head": False}
     config = LlavaConfig(
-        vision_config=vision_config(size, image_size=image_side, patch_size=patch_side, num_channels=channels),
-        text_config=text_config(size),
-        image_token_index=IMAGE_TOKEN_ID,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
+        **llava_config_kwargs(size, **geometry),
         projector_hidden_act="gelu",
         image_seq_length=size.tokens_per_volume,
     )

@@ -12,6 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from umbrella_llava.model_sizes import ModelSize, llava_config_kwargs, umbrella_config  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,50 +55,23 @@ def tokenizer():
     return build_chatml_tokenizer()
 
 
+# The tests' model: 2-layer SigLIP or CLIP tower (32² images in 8² patches for stock LLaVA) and 2-layer Qwen2 LM,
+# 16³ volumes in 8³ patches (8 tokens per volume). Built by the package's one config builder (model_sizes.py).
+TEST_SIZE = ModelSize("tests", 32, 64, 2, 4, 64, 128, 2, 4, 2, 512, 16, 8, tie_word_embeddings=True)
+TEST_VISION = {"image_size": 32, "patch_size": 8}
+
+
 def tiny_llava_kwargs(tokenizer=None, vision: str = "siglip") -> dict:
-    """LlavaConfig arguments of a tiny random LLaVA: 2-layer SigLIP or CLIP tower (32² images in 8² patches) and a
-    2-layer Qwen2 LM. The same sub-configs serve the stock LLaVA of the conversion tests and UmbrellaLlava."""
-    vocab_size = len(tokenizer) if tokenizer is not None else 512
-    kwargs = dict(
-        vision_config={
-            "model_type": f"{vision}_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        text_config={
-            "model_type": "qwen2",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": vocab_size,
-            "max_position_embeddings": 512,
-            "tie_word_embeddings": True,
-        },
-        image_token_index=tokenizer.image_token_id if tokenizer is not None else 3,
-        vision_feature_select_strategy="full" if vision == "siglip" else "default",
-        vision_feature_layer=-1,
-    )
-    if tokenizer is not None:
-        kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return kwargs
+    """LlavaConfig arguments of a tiny random LLaVA. The same sub-configs serve the stock LLaVA of the conversion
+    tests and UmbrellaLlava."""
+    return llava_config_kwargs(TEST_SIZE, tokenizer, vision, max_position_embeddings=512, **TEST_VISION)
 
 
 def tiny_config(tokenizer=None, vision: str = "siglip", **overrides):
     """A tiny random UmbrellaLlavaConfig: 16³ volumes, 8³ patches (8 tokens per volume), 2-layer tower and LM."""
-    from umbrella_llava import UmbrellaLlavaConfig
-
-    kwargs = tiny_llava_kwargs(tokenizer, vision)
-    kwargs.update(
-        projector_hidden_act="gelu", volume_size=(16, 16, 16), volume_patch_size=(8, 8, 8), volume_channels=1
+    return umbrella_config(
+        TEST_SIZE, tokenizer, vision, max_position_embeddings=512, vision_options=TEST_VISION, **overrides
     )
-    kwargs.update(overrides)
-    return UmbrellaLlavaConfig(**kwargs)
 
 
 @pytest.fixture

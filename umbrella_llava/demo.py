@@ -43,6 +43,7 @@ from umbrella_llava import (
 from umbrella_llava.data import ConversationDataset, UmbrellaCollator
 from umbrella_llava.evaluation import evaluate_generation
 from umbrella_llava.hub import render_model_card
+from umbrella_llava.model_sizes import ModelSize, umbrella_config
 from umbrella_llava.preview import save_preview
 from umbrella_llava.tokenization import build_chatml_tokenizer
 
@@ -190,37 +191,14 @@ def build_processor(args: argparse.Namespace, image_seq_length: int) -> Umbrella
     )
 
 
-def build_config(args: argparse.Namespace, vocab_size: int, image_token_id: int, pad_id: int, eos_id: int):
-    """A small SigLIP tower + Qwen2 LM, the llava-interleave architecture at toy width."""
-    return UmbrellaLlavaConfig(
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": 96,
-            "intermediate_size": 192,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        },
-        text_config={
-            "model_type": "qwen2",
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": vocab_size,
-            "max_position_embeddings": 1024,
-            "tie_word_embeddings": True,
-            "pad_token_id": pad_id,
-            "eos_token_id": eos_id,
-        },
-        image_token_index=image_token_id,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        volume_size=(args.volume_size,) * 3,
-        volume_patch_size=(args.patch_size,) * 3,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-    )
+def build_config(args: argparse.Namespace, tokenizer) -> UmbrellaLlavaConfig:
+    """A small SigLIP tower + Qwen2 LM, the llava-interleave architecture at toy width (`model_sizes.umbrella_config`:
+    the same config builder as the tests and the benchmarks)."""
+    size = ModelSize(
+        "demo", 96, 192, 2, 4, 128, 256, 2, 4, 2, len(tokenizer), args.volume_size, args.patch_size,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return umbrella_config(size, tokenizer, max_position_embeddings=1024)
 
 
 def train(args, model, processor, train_dataset, output_dir: Path) -> Trainer:
@@ -337,9 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid = args.volume_size // args.patch_size
     processor = build_processor(args, image_seq_length=grid**3)
     tokenizer = processor.tokenizer
-    config = build_config(
-        args, len(tokenizer), tokenizer.image_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id
-    )
+    config = build_config(args, tokenizer)
     cache = output_dir / "volume_cache"
     train_dataset = ConversationDataset(train_path, processor, cache_dir=cache)
     eval_dataset = ConversationDataset(eval_path, processor, cache_dir=cache)
