@@ -104,6 +104,7 @@ def test_saved_folder_loads_with_trust_remote_code_without_the_package(tmp_path,
 
 
 def test_from_pretrained_restores_every_tensor(tmp_path, tiny_model):
+    """Mirrors transformers' `test_save_load`."""
     tiny_model.save_pretrained(tmp_path)
     reloaded, info = UmbrellaLlavaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))

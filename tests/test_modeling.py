@@ -236,6 +236,7 @@ def test_generate_refuses_image_tokens_without_volumes(tiny_model):
 
 
 def test_greedy_generation_matches_the_forward_pass(tiny_model):
+    """Mirrors transformers' `test_greedy_generate`."""
     batch = make_batch(tiny_model.config, [2, 1])
     generated = _generate(tiny_model, **batch)
     prompt_len = batch["input_ids"].shape[1]
@@ -256,6 +257,7 @@ def other_volumes(batch: dict, seed: int = 7) -> dict:
 
 
 def test_batched_left_padded_generation_matches_each_sample_alone(volume_sensitive_model):
+    """Mirrors transformers' `test_left_padding_compatibility`."""
     model = volume_sensitive_model
     batch = make_batch(model.config, [2, 1, 0], slots=2)
     together = _generate(model, **batch)
@@ -302,6 +304,7 @@ def test_decoding_continues_when_a_generated_token_is_the_image_token(tiny_model
 
 @pytest.mark.parametrize("flattened", [False, True])
 def test_beams_and_return_sequences_keep_each_samples_volumes(volume_sensitive_model, flattened):
+    """Mirrors transformers' `test_beam_search_generate` with `num_return_sequences`."""
     tiny_model = volume_sensitive_model
     batch = make_batch(tiny_model.config, [1, 2], slots=2)
     settings = {"num_beams": 3, "num_return_sequences": 2}
@@ -388,6 +391,7 @@ def test_generate_prefill_computes_logits_for_the_last_position_only(tiny_model)
 
 
 def test_image_hidden_states_hold_the_valid_volumes_features(tiny_model):
+    """Mirrors the output-field checks of transformers' `test_model_outputs_equivalence` for `image_hidden_states`."""
     batch = make_batch(tiny_model.config, [2, 0, 1], slots=3)
     with torch.no_grad():
         out = tiny_model(**batch)

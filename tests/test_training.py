@@ -122,6 +122,7 @@ def test_text_only_batch_still_gives_every_vision_parameter_a_gradient(tiny_mode
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_model):
+    """Mirrors transformers' `test_training_gradient_checkpointing`, with volumes."""
     batch = make_batch(tiny_model.config, [2, 1])
     torch.manual_seed(0)
     loss, grads = _training_step_grads(tiny_model, batch)
