@@ -297,3 +297,29 @@ def test_preview_command_takes_frames(preview_titles, tmp_path, capsys):
     with pytest.raises(ValueError, match="frames='error'"):
         main([str(EXAMPLE_4D), "-o", str(tmp_path / "c.png"), *size])
     assert not os.path.exists(tmp_path / "c.png")
+
+
+def test_check_data_takes_the_frames_policy(tmp_path, capsys):
+    """`umbrella-check-data --frames`: the 4-D example is refused by default, naming the file, and accepted with a
+    policy or an index; a policy that is neither is refused by the parser."""
+    import json
+
+    from umbrella_llava.check_data import main as check_data_main
+
+    record = {
+        "conversations": [
+            {"from": "human", "value": "<image>\nIs this an fMRI run?"},
+            {"from": "gpt", "value": "Yes."},
+        ],
+        "image": str(EXAMPLE_4D),
+    }
+    data = tmp_path / "records.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    size = ["--volume_size", *map(str, SIZE)]
+    assert check_data_main([str(data), *size]) == 1
+    assert "example4d.nii.gz is a 4-D volume with 2 frames" in capsys.readouterr().out
+    for policy in ("mean", "1"):
+        assert check_data_main([str(data), *size, "--frames", policy]) == 0
+        assert "1 valid, 0 invalid" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        check_data_main([str(data), *size, "--frames", "median"])

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data import RecordScan, problem_kind, scan_records
-from .image_processing_umbrella_llava import UmbrellaVolumeProcessor
+from .image_processing_umbrella_llava import FRAME_POLICIES, UmbrellaVolumeProcessor
 from .processing_umbrella_llava import UmbrellaLlavaProcessor
 from .volume_cache import VolumeCache
 
@@ -92,7 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     volume.add_argument("--volume_size", type=int, nargs=3, default=[96, 96, 96], metavar=("H", "W", "D"))
     volume.add_argument("--voxel_spacing", type=float, nargs=3, default=None, metavar=("H", "W", "D"))
     volume.add_argument("--allow_blank_volumes", action="store_true", help="Accept blank volumes (as zeros).")
+    volume.add_argument(
+        "--frames",
+        type=_frames_policy,
+        default="error",
+        help=f"What a 4-D file's frames become: {', '.join(FRAME_POLICIES)} or a frame index (default error).",
+    )
     return parser
+
+
+def _frames_policy(value: str) -> str | int:
+    """`--frames`: one of FRAME_POLICIES, or an int frame index."""
+    if value in FRAME_POLICIES:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        message = f"choose from {', '.join(FRAME_POLICIES)} or a frame index, not {value!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def load_processor(args: argparse.Namespace) -> UmbrellaLlavaProcessor:
@@ -101,7 +118,10 @@ def load_processor(args: argparse.Namespace) -> UmbrellaLlavaProcessor:
     from .tokenization import build_chatml_tokenizer
 
     image_processor = UmbrellaVolumeProcessor(
-        volume_size=args.volume_size, voxel_spacing=args.voxel_spacing, allow_blank_volumes=args.allow_blank_volumes
+        volume_size=args.volume_size,
+        voxel_spacing=args.voxel_spacing,
+        allow_blank_volumes=args.allow_blank_volumes,
+        frames=args.frames,
     )
     return UmbrellaLlavaProcessor(
         image_processor=image_processor, tokenizer=build_chatml_tokenizer(), image_seq_length=1
