@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .data import RecordScan, problem_kind, scan_records
 from .image_processing_umbrella_llava import FRAME_POLICIES, UmbrellaVolumeProcessor
+from .preview import frames_argument
 from .processing_umbrella_llava import UmbrellaLlavaProcessor
 from .volume_cache import VolumeCache
 
@@ -94,22 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     volume.add_argument("--allow_blank_volumes", action="store_true", help="Accept blank volumes (as zeros).")
     volume.add_argument(
         "--frames",
-        type=_frames_policy,
+        type=frames_argument,
         default="error",
         help=f"What a 4-D file's frames become: {', '.join(FRAME_POLICIES)} or a frame index (default error).",
     )
     return parser
-
-
-def _frames_policy(value: str) -> str | int:
-    """`--frames`: one of FRAME_POLICIES, or an int frame index."""
-    if value in FRAME_POLICIES:
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        message = f"choose from {', '.join(FRAME_POLICIES)} or a frame index, not {value!r}"
-        raise argparse.ArgumentTypeError(message) from None
 
 
 def load_processor(args: argparse.Namespace) -> UmbrellaLlavaProcessor:

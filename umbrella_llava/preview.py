@@ -126,7 +126,8 @@ def save_preview(
     return os.fspath(png_path)
 
 
-def _frames_argument(value: str) -> str | int:
+def frames_argument(value: str) -> str | int:
+    """A `--frames` flag's value: one of FRAME_POLICIES, or an int frame index (umbrella-preview, umbrella-check-data)."""
     if value in FRAME_POLICIES:
         return value
     try:
@@ -149,7 +150,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--normalization", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZATION)
     parser.add_argument(
         "--frames",
-        type=_frames_argument,
+        type=frames_argument,
         default="error",
         help=f"what the frames of a 4-D file become: one of {', '.join(FRAME_POLICIES)}, or a frame index (-1: the "
         "last); 'channels' also sets the channel count to the frame count. Default: error",
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["save_preview", "render_preview", "mid_planes", "frames_label", "main"]
+__all__ = ["save_preview", "render_preview", "mid_planes", "frames_argument", "frames_label", "main"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
