@@ -12,6 +12,9 @@ Two task families, each with two question kinds:
 
 Augmentation, for every volume: an intensity scale of 0.6-1.4, Gaussian noise (4 % of the 99.5th percentile) and a
 random shift of up to ±5 voxels along each axis.
+
+Diagnostic tasks of the local questions: "local-large" (lesions of 6-8 cm) and "local-noshift" (no random shift, so
+the anatomy is always aligned and the lesion is the only difference between volumes but noise and intensity scale).
 """
 
 import json
@@ -33,10 +36,13 @@ TASKS = {
     "global": ("map", "which_gm"),
     "local": ("lesion_side", "which_lesion"),
     "local-large": ("lesion_side", "which_lesion"),  # a diagnostic: the same questions, lesions 2.5x larger
+    "local-noshift": ("lesion_side", "which_lesion"),  # a diagnostic: the same questions, volumes never shifted
 }
 CHANCE = {"map": 1 / 3, "which_gm": 1 / 2, "lesion_side": 1 / 2, "which_lesion": 1 / 2}
 MAX_SHIFT_VOXELS = 5
-LESION_DIAMETER_MM = {"local": (24.0, 32.0), "local-large": (60.0, 80.0)}
+LESION_DIAMETER_MM = {"local": (24.0, 32.0), "local-large": (60.0, 80.0), "local-noshift": (24.0, 32.0)}
+# The largest random shift per task (voxels of the 2 mm template, each axis); 0 isolates the anatomy's misalignment.
+MAX_SHIFT = {"local-noshift": 0}
 # A lesion lies wholly inside the brain of its hemisphere up to this radius; a larger one is cut to the brain.
 MAX_INSIDE_RADIUS_MM = 16.0
 
@@ -59,10 +65,10 @@ def load_templates() -> dict[str, nib.Nifti1Image]:
     }
 
 
-def augment(data: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Intensity scale 0.6-1.4, Gaussian noise and a shift of up to ±MAX_SHIFT_VOXELS voxels per axis."""
+def augment(data: np.ndarray, rng: np.random.Generator, max_shift: int = MAX_SHIFT_VOXELS) -> np.ndarray:
+    """Intensity scale 0.6-1.4, Gaussian noise and a shift of up to ±`max_shift` voxels per axis."""
     peak = float(np.percentile(data, 99.5)) or 1.0
-    shift = rng.integers(-MAX_SHIFT_VOXELS, MAX_SHIFT_VOXELS + 1, size=3)
+    shift = rng.integers(-max_shift, max_shift + 1, size=3)
     data = np.roll(data, tuple(int(s) for s in shift), axis=(0, 1, 2)) * rng.uniform(0.6, 1.4)
     return (data + rng.normal(0, 0.04 * peak, size=data.shape)).astype(np.float32)
 
@@ -119,7 +125,8 @@ def write_volumes(task: str, split: str, count: int, folder: Path, rng: np.rando
             if side:
                 data = add_lesion(t1, brain, side, LESION_DIAMETER_MM[task], rng)
             path = folder / f"{split}-{kind}-{side or 'none'}-{i:03d}.nii.gz"
-            _write(augment(data, rng), t1.affine, path, store_las=bool(i % 2))
+            max_shift = MAX_SHIFT.get(task, MAX_SHIFT_VOXELS)
+            _write(augment(data, rng, max_shift), t1.affine, path, store_las=bool(i % 2))
             volumes.append(Volume(path.name, kind, side))
     return volumes
 
