@@ -158,3 +158,14 @@ def test_token_budget_benchmark_reports_tokens_learning_time_and_memory_per_merg
         assert set(row["accuracy"]) == {"map", "which_gm"}, row
         if row["merger"] != "concat + MLP":
             assert row["step_peak_mib"] > 0 and row["ours_ms"] > 0, row
+
+
+def test_lesion_diagnostics_find_the_lesion_on_the_answers_side():
+    """The local task's lesion, read back through the package's processor from RAS and LAS files, lies on the side
+    its answer names, and is darker at its core than the same voxels of healthy volumes."""
+    pytest.importorskip("nilearn")
+    from benchmarks.lesion_diagnostics import diagnose
+
+    report = diagnose("local", count=2)
+    assert report["side correct (RAS files, LAS files)"] == {"RAS": "2/2", "LAS": "2/2"}
+    assert report["lesion core mean z"] < report["healthy mean z at the lesion core"]["min"]
