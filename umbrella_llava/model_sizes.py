@@ -62,8 +62,12 @@ def vision_config(
         "num_hidden_layers": size.vision_layers,
         "num_attention_heads": size.vision_heads,
     }
-    optional = {"image_size": image_size, "patch_size": patch_size, "num_channels": num_channels}
-    optional["vision_use_head"] = use_head
+    optional = {
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "num_channels": num_channels,
+        "vision_use_head": use_head,
+    }
     config.update({key: value for key, value in optional.items() if value is not None})
     return config
 

@@ -869,7 +869,7 @@ __all__ = [
     "UmbrellaMultiModalProjector",
     "UmbrellaVolumeEmbeddings",
     "UmbrellaVolumeFeaturesOutput",
-    "damaged_weight_files",
     "UmbrellaVolumeMerger",
+    "damaged_weight_files",
     "flatten_volumes",
 ]

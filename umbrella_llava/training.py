@@ -537,12 +537,7 @@ def merge_saved_adapter(output_dir: str, model_args: ModelArguments) -> None:
     for name in ADAPTER_FILES:
         if os.path.isfile(os.path.join(output_dir, name)):
             os.replace(os.path.join(output_dir, name), os.path.join(adapter_dir, name))
-    base_args = ModelArguments(
-        model_name_or_path=model_args.model_name_or_path,
-        dtype=model_args.dtype,
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    base, _ = load_model_and_processor(base_args)
+    base, _ = load_model_and_processor(model_args)  # reads only the checkpoint, dtype and loading options
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     print(f"Merged the LoRA adapter into the base: {output_dir} (adapter kept in {adapter_dir}).", flush=True)
