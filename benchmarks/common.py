@@ -5,9 +5,11 @@ ratio is the median over rounds of (variant time / baseline time in the same rou
 absolute time says little; a ratio of neighbours in time says a lot.
 """
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -195,3 +197,11 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(row.get(column)) for column in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_report(report: dict, path: Path) -> None:
+    """Write a GPU script's report as JSON to `path` (its folder made if needed) and say where, and in how long."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    took = f" in {report['seconds']:.0f} s" if "seconds" in report else ""
+    print(f"\nwrote {path}{took}")

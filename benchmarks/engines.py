@@ -38,7 +38,7 @@ from umbrella_llava import UmbrellaLlavaProcessor, UmbrellaVolumeProcessor
 from umbrella_llava.checkpoints import damaged_weight_files
 from umbrella_llava.tokenization import build_chatml_tokenizer
 
-from .common import build_umbrella
+from .common import build_umbrella, write_report
 from .gpu import TINY_SHAPES, GpuShapes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -213,9 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(engine, json.dumps({k: v for k, v in run.items() if k != "log_tail"}), flush=True)
         if returncode != 0:
             print(run["log_tail"], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

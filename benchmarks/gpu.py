@@ -33,7 +33,6 @@ Writes JSON to `--out` (default `benchmarks/results/gpu.json`) and prints a tabl
 """
 
 import argparse
-import json
 import statistics
 import time
 from contextlib import nullcontext
@@ -53,6 +52,7 @@ from .common import (
     paired_ratio,
     set_activation_checkpointing,
     synchronize,
+    write_report,
 )
 from .common import interleaved_timings as timed
 from .handwritten_loop import handwritten_loss
@@ -294,9 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(rows, columns + ["model_tflops_per_s", "mfu", "time_vs"]))
     if memory:
         print("\n" + format_table(memory, ["volumes_per_sample", "checkpointing", "step_peak_gib"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out} in {report['seconds']:.0f} s")
+    write_report(report, args.out)
     return report
 
 

@@ -32,7 +32,7 @@ import torch
 from transformers import CompileConfig
 from transformers.utils import is_flash_attn_2_available
 
-from .common import build_umbrella, format_table, interleaved_timings, synchronize
+from .common import build_umbrella, format_table, interleaved_timings, synchronize, write_report
 from .gpu import TINY_SHAPES, GpuShapes, make_batch
 
 VOLUMES_PER_SAMPLE = 4
@@ -188,9 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["attention"] = measure_attention(shapes, device, args.repeats)
         print(json.dumps(report["attention"], indent=1), flush=True)
     report["seconds"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out} in {report['seconds']:.0f} s")
+    write_report(report, args.out)
     return report
 
 
