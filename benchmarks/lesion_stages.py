@@ -91,7 +91,9 @@ def fit_and_score(probe_type, train, held_out, seed: int) -> tuple[float, float]
         return tuple(float(((probe(x) > 0).float() == y).float().mean()) for x, y in (train, held_out))
 
 
-def probe_stages(task: str, count: int, stem: bool = False) -> list[dict]:
+def staged_volumes(task: str, count: int, stem: bool = False) -> tuple:
+    """The task's training and held-out volumes with their labels, and each set's features at every stage of the
+    untrained model (seed 0): `(train, held_out, train_stages, held_out_stages)`."""
     set_seed(0)
     processor = build_processor(32, 64)
     model = UmbrellaLlavaForConditionalGeneration(build_config(LOCAL_DIAGNOSTICS[0], processor.tokenizer)).eval()
@@ -103,6 +105,11 @@ def probe_stages(task: str, count: int, stem: bool = False) -> list[dict]:
         train = volumes_of(folder, "train", processor.image_processor)
         held_out = volumes_of(folder, "eval", processor.image_processor)
     train_stages, held_out_stages = stages(model, train[0]), stages(model, held_out[0])
+    return train, held_out, train_stages, held_out_stages
+
+
+def probe_stages(task: str, count: int, stem: bool = False) -> list[dict]:
+    train, held_out, train_stages, held_out_stages = staged_volumes(task, count, stem)
     rows = []
     for stage in train_stages:
         x_train, x_held = train_stages[stage], held_out_stages[stage]
@@ -131,17 +138,7 @@ def token_contrast(task: str, count: int, stem: bool = False) -> dict[str, dict[
     """At each stage of the untrained model: how far the most deviant token of a lesion volume is from the mean healthy
     token at its position, over how far healthy tokens are from it (rms); and the same for held-out healthy volumes
     (what a lesion must beat). A ratio that falls from stage to stage is information the stage mixes away."""
-    set_seed(0)
-    processor = build_processor(32, 64)
-    model = UmbrellaLlavaForConditionalGeneration(build_config(LOCAL_DIAGNOSTICS[0], processor.tokenizer)).eval()
-    if stem:
-        add_conv_stem(model)
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        build_learning_data(folder, task, 2, 2, count, seed=0)
-        train = volumes_of(folder, "train", processor.image_processor)
-        held_out = volumes_of(folder, "eval", processor.image_processor)
-    train_stages, held_out_stages = stages(model, train[0]), stages(model, held_out[0])
+    train, held_out, train_stages, held_out_stages = staged_volumes(task, count, stem)
     result = {}
     for stage, tokens in train_stages.items():
         healthy = tokens[train[1] == 0]
