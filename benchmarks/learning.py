@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from einops.layers.torch import Reduce
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
@@ -332,6 +333,68 @@ def add_patch_max_detector(model, channels: int = 8) -> None:
     embeddings.patch_embedding = wide
 
 
+def conv_features(in_channels: int = 1, channels: int = 16) -> nn.Sequential:
+    """Translation-invariant 3³ detectors at half the volume's size: conv, GELU, conv, GELU, 2× max-pool, conv, GELU
+    (the feature stack of `benchmarks.lesion_head.SmallCNN`, which learns the local task)."""
+    return nn.Sequential(
+        nn.Conv3d(in_channels, channels, 3, padding=1), nn.GELU(),
+        nn.Conv3d(channels, channels, 3, padding=1), nn.GELU(),
+        nn.MaxPool3d(2),
+        nn.Conv3d(channels, channels, 3, padding=1), nn.GELU(),
+    )  # fmt: skip
+
+
+class ConvPatchEmbedding(nn.Module):
+    """`conv_features` as the patch embedding (a hybrid ViT): 3³ convolutions on the whole volume, each patch's
+    feature maps max-pooled to one vector, a `Linear` to the tower's width.
+
+    It replaces the patch layout and the patch `Linear`, so it is not the identity of the package's embedder: a
+    diagnostic of the inductive bias, not a candidate for converted checkpoints. He-initialised: with PyTorch's
+    default initialisation the three layers shrink the features until every volume gives nearly the same tokens (std
+    across volumes 0.02) and the model predicts one class, training set included."""
+
+    def __init__(self, patch_size: tuple[int, int, int], width: int, in_channels: int = 1, channels: int = 16):
+        super().__init__()
+        self.features = conv_features(in_channels, channels)
+        self.pool = nn.MaxPool3d(tuple(size // 2 for size in patch_size))
+        self.linear = nn.Linear(channels, width)
+        for conv in self.features.modules():
+            if isinstance(conv, nn.Conv3d):
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.linear.weight, std=channels**-0.5)
+        nn.init.zeros_(self.linear.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:  # the embedder casts volumes to `patch_embedding.weight.dtype`
+        return self.linear.weight
+
+    def forward(self, volumes):
+        """`(m, c, h, w, d)` volumes -> `(m, tokens in (h w d) order, width)`."""
+        return self.linear(self.pool(self.features(volumes)).flatten(2).transpose(1, 2))
+
+
+def add_conv_patch_embedding(model) -> None:
+    """Replace the embedder's patch layout and patch `Linear` by a `ConvPatchEmbedding` (positions unchanged)."""
+    embeddings = model.model.vision_tower.embeddings
+    width = embeddings.position_embedding.embedding_dim
+    embedding = ConvPatchEmbedding(tuple(model.config.volume_patch_size), width, embeddings.volume_shape[0])
+    embeddings.patch_layout = nn.Identity()
+    embeddings.patch_embedding = embedding.to(embeddings.position_embedding.weight.dtype)
+
+
+def max_merge(model) -> None:
+    """Merge each `volume_merge_size` block of tokens by its maximum instead of the package's average (a diagnostic:
+    the readout that makes the LM-free head generalise, `benchmarks.lesion_head --readout hemisphere-max`)."""
+    config = model.config
+    (merge_h, merge_w, merge_d), (_, grid_w, grid_d) = config.volume_merge_size, config.volume_grid
+    model.model.multi_modal_projector.volume_merger.block_average = Reduce(
+        "m (h mh w mw d md) c -> m (h w d) c",
+        "max",
+        mh=merge_h, mw=merge_w, md=merge_d, w=grid_w // merge_w, d=grid_d // merge_d,
+    )  # fmt: skip
+
+
 def add_patch_norm(model, elementwise_affine: bool = True) -> None:
     embeddings = model.model.vision_tower.embeddings
     in_features = embeddings.patch_embedding.in_features
@@ -420,6 +483,17 @@ LOCAL_DIAGNOSTICS = [
     Variant(
         "lesion, patch-max detector", "defaults + per-patch maxima of 8 learnt 3³ detector maps (conv, GELU, conv,"
         " GELU) read by zero-initialised columns of the patch Linear", adjust_model=add_patch_max_detector, **LOCAL,
+    ),
+    Variant(
+        "lesion, conv patch embedding", "SmallCNN's 3³ conv features max-pooled per patch in place of the patch Linear"
+        " (a hybrid ViT, He-initialised); learning rate 5e-4", adjust_model=add_conv_patch_embedding,
+        learning_rate=5e-4, **LOCAL,
+    ),
+    Variant(
+        "lesion, conv patch embedding, hemisphere maxima", "the conv patch embedding; each volume's tokens merged to"
+        " two, the maximum over each hemisphere (volume_merge_size 2×4×4, max instead of mean); learning rate 5e-4",
+        adjust_model=chain(add_conv_patch_embedding, max_merge), config_kwargs={"volume_merge_size": (2, 4, 4)},
+        learning_rate=5e-4, **LOCAL,
     ),
 ]  # fmt: skip
 

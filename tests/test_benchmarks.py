@@ -169,3 +169,23 @@ def test_lesion_diagnostics_find_the_lesion_on_the_answers_side():
     report = diagnose("local", count=2)
     assert report["side correct (RAS files, LAS files)"] == {"RAS": "2/2", "LAS": "2/2"}
     assert report["lesion core mean z"] < report["healthy mean z at the lesion core"]["min"]
+
+
+def test_conv_patch_embedding_gives_each_patch_its_own_token():
+    """The hybrid-ViT diagnostic (`add_conv_patch_embedding`) keeps the package's token order: a bright cube inside
+    one patch moves that patch's token, in `(h w d)` order over the patch grid, more than any other."""
+    from benchmarks.learning import LOCAL_DIAGNOSTICS, add_conv_patch_embedding, build_config, build_processor
+    from umbrella_llava import UmbrellaLlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    processor = build_processor(32, 64)
+    model = UmbrellaLlavaForConditionalGeneration(build_config(LOCAL_DIAGNOSTICS[0], processor.tokenizer))
+    add_conv_patch_embedding(model)
+    embeddings = model.model.vision_tower.embeddings
+    blank = torch.zeros(1, 1, 32, 32, 32)
+    marked = blank.clone()
+    marked[0, 0, 3:5, 11:13, 27:29] = 5.0  # inside patch (h, w, d) = (0, 1, 3) of the 4³ grid
+    with torch.no_grad():
+        moved = (embeddings(marked) - embeddings(blank)).norm(dim=-1)[0]
+    assert moved.shape == (64,)
+    assert int(moved.argmax()) == 0 * 16 + 1 * 4 + 3
