@@ -455,8 +455,12 @@ VARIANTS = [
 # what a small CNN that does learn the task has), 1500 steps at the defaults (slow or never?), and a data diagnostic
 # with no random shift (the anatomy always aligned, so the lesion is the only structural difference between volumes).
 # All stay at chance on held-out records (conv stem seeds 0-2: 0.42/0.83, 0.46/0.46, 0.54/0.54); the training loss
-# leaves the guessing level only to memorise. The
-# LM-free checks of why are `benchmarks.lesion_diagnostics`, `benchmarks.lesion_stages` and `benchmarks.lesion_head`.
+# leaves the guessing level only to memorise. Last, the small CNN's features max-pooled per patch in place of the
+# patch Linear (`add_conv_patch_embedding`), alone and with each volume merged to its two hemisphere maxima
+# (`max_merge`): the pair generalises without the LM (`benchmarks.lesion_head --conv-embedding --readout
+# hemisphere-max`), but with it the answers stay constant; the same embedding on the global task is the control that
+# the path trains. The LM-free checks of why are `benchmarks.lesion_diagnostics`, `benchmarks.lesion_stages` and
+# `benchmarks.lesion_head`.
 LOCAL_DIAGNOSTICS = [
     Variant("lesion 6-8 cm", "defaults; lesions of 6-8 cm", **{**LOCAL, "task": "local-large"}),
     Variant("lesion, 64 volumes per kind", "defaults; 480 records", **{**LOCAL, "volumes_per_kind": 64, "train_records": 480}),
@@ -494,6 +498,10 @@ LOCAL_DIAGNOSTICS = [
         " two, the maximum over each hemisphere (volume_merge_size 2×4×4, max instead of mean); learning rate 5e-4",
         adjust_model=chain(add_conv_patch_embedding, max_merge), config_kwargs={"volume_merge_size": (2, 4, 4)},
         learning_rate=5e-4, **LOCAL,
+    ),
+    Variant(
+        "global, conv patch embedding (control)", "the conv patch embedding on the global task; learning rate 5e-4",
+        adjust_model=add_conv_patch_embedding, learning_rate=5e-4,
     ),
 ]  # fmt: skip
 
