@@ -384,8 +384,9 @@ def add_conv_patch_embedding(model) -> None:
 
 
 def max_merge(model) -> None:
-    """Merge each `volume_merge_size` block of tokens by its maximum instead of the package's average (a diagnostic:
-    the readout that makes the LM-free head generalise, `benchmarks.lesion_head --readout hemisphere-max`)."""
+    """Merge each `volume_merge_size` block of tower tokens by its maximum instead of the package's average (a
+    diagnostic). The merger runs before the projector, so this is not `benchmarks.lesion_head --readout
+    hemisphere-max`, which takes the maximum of the projector's output."""
     config = model.config
     (merge_h, merge_w, merge_d), (_, grid_w, grid_d) = config.volume_merge_size, config.volume_grid
     model.model.multi_modal_projector.volume_merger.block_average = Reduce(
@@ -456,10 +457,10 @@ VARIANTS = [
 # with no random shift (the anatomy always aligned, so the lesion is the only structural difference between volumes).
 # All stay at chance on held-out records (conv stem seeds 0-2: 0.42/0.83, 0.46/0.46, 0.54/0.54); the training loss
 # leaves the guessing level only to memorise. Last, the small CNN's features max-pooled per patch in place of the
-# patch Linear (`add_conv_patch_embedding`), alone and with each volume merged to its two hemisphere maxima
-# (`max_merge`): the pair generalises without the LM (`benchmarks.lesion_head --conv-embedding --readout
-# hemisphere-max`), but with it the answers stay constant; the same embedding on the global task is the control that
-# the path trains. The LM-free checks of why are `benchmarks.lesion_diagnostics`, `benchmarks.lesion_stages` and
+# patch Linear (`add_conv_patch_embedding`), alone and with each volume's tower tokens merged to two hemisphere maxima
+# before the projector (`max_merge`): with maxima after the projector the embedding generalises without the LM
+# (`benchmarks.lesion_head --conv-embedding --readout hemisphere-max`), but with the LM the answers stay constant;
+# the same embedding on the global task is the control that the path trains. The LM-free checks of why are `benchmarks.lesion_diagnostics`, `benchmarks.lesion_stages` and
 # `benchmarks.lesion_head`.
 LOCAL_DIAGNOSTICS = [
     Variant("lesion 6-8 cm", "defaults; lesions of 6-8 cm", **{**LOCAL, "task": "local-large"}),
@@ -494,8 +495,9 @@ LOCAL_DIAGNOSTICS = [
         learning_rate=5e-4, **LOCAL,
     ),
     Variant(
-        "lesion, conv patch embedding, hemisphere maxima", "the conv patch embedding; each volume's tokens merged to"
-        " two, the maximum over each hemisphere (volume_merge_size 2×4×4, max instead of mean); learning rate 5e-4",
+        "lesion, conv patch embedding, hemisphere maxima", "the conv patch embedding; each volume's tower tokens"
+        " merged to two before the projector, each hemisphere's maximum (volume_merge_size 2×4×4, max instead of mean);"
+        " learning rate 5e-4",
         adjust_model=chain(add_conv_patch_embedding, max_merge), config_kwargs={"volume_merge_size": (2, 4, 4)},
         learning_rate=5e-4, **LOCAL,
     ),
