@@ -387,13 +387,9 @@ def max_merge(model) -> None:
     """Merge each `volume_merge_size` block of tower tokens by its maximum instead of the package's average (a
     diagnostic). The merger runs before the projector, so this is not `benchmarks.lesion_head --readout
     hemisphere-max`, which takes the maximum of the projector's output."""
-    config = model.config
-    (merge_h, merge_w, merge_d), (_, grid_w, grid_d) = config.volume_merge_size, config.volume_grid
-    model.model.multi_modal_projector.volume_merger.block_average = Reduce(
-        "m (h mh w mw d md) c -> m (h w d) c",
-        "max",
-        mh=merge_h, mw=merge_w, md=merge_d, w=grid_w // merge_w, d=grid_d // merge_d,
-    )  # fmt: skip
+    merger = model.model.multi_modal_projector.volume_merger
+    average = merger.block_average  # the package's layout of the blocks, reduced by maximum instead
+    merger.block_average = Reduce(average.pattern, "max", **average.axes_lengths)
 
 
 def add_patch_norm(model, elementwise_affine: bool = True) -> None:

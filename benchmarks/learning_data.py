@@ -19,6 +19,7 @@ the anatomy is always aligned and the lesion is the only difference between volu
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +66,20 @@ def load_templates() -> dict[str, nib.Nifti1Image]:
     }
 
 
-def augment(data: np.ndarray, rng: np.random.Generator, max_shift: int = MAX_SHIFT_VOXELS) -> np.ndarray:
-    """Intensity scale 0.6-1.4, Gaussian noise and a shift of up to ±`max_shift` voxels per axis."""
+def augment_and_shift(
+    data: np.ndarray, rng: np.random.Generator, max_shift: int = MAX_SHIFT_VOXELS
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Intensity scale 0.6-1.4, Gaussian noise and a shift of up to ±`max_shift` voxels per axis; returns the
+    augmented volume and the shift (voxels per axis), so that a mask can be moved alike."""
     peak = float(np.percentile(data, 99.5)) or 1.0
-    shift = rng.integers(-max_shift, max_shift + 1, size=3)
-    data = np.roll(data, tuple(int(s) for s in shift), axis=(0, 1, 2)) * rng.uniform(0.6, 1.4)
-    return (data + rng.normal(0, 0.04 * peak, size=data.shape)).astype(np.float32)
+    shift = tuple(int(s) for s in rng.integers(-max_shift, max_shift + 1, size=3))
+    data = np.roll(data, shift, axis=(0, 1, 2)) * rng.uniform(0.6, 1.4)
+    return (data + rng.normal(0, 0.04 * peak, size=data.shape)).astype(np.float32), shift
+
+
+def augment(data: np.ndarray, rng: np.random.Generator, max_shift: int = MAX_SHIFT_VOXELS) -> np.ndarray:
+    """`augment_and_shift` without the shift."""
+    return augment_and_shift(data, rng, max_shift)[0]
 
 
 def add_lesion(
@@ -104,6 +113,24 @@ def _write(data: np.ndarray, affine: np.ndarray, path: Path, store_las: bool) ->
     nib.Nifti1Image(data, affine).to_filename(path)
 
 
+def local_task_volumes(
+    task: str, count: int, rng: np.random.Generator, templates: dict[str, nib.Nifti1Image] | None = None
+) -> Iterator[tuple[str, str | None, int, np.ndarray]]:
+    """`(kind, side, index, augmented RAS voxels)` of a local task: `count` volumes each of lesion left, lesion
+    right and healthy T1, in that order, drawn from `rng`."""
+    templates = templates or load_templates()
+    t1 = templates["T1"]
+    brain = np.asarray(templates["grey matter"].dataobj) + np.asarray(templates["white matter"].dataobj) > 0.5
+    max_shift = MAX_SHIFT.get(task, MAX_SHIFT_VOXELS)
+    for kind, side in (("lesion", "left"), ("lesion", "right"), ("healthy", None)):
+        for i in range(count):
+            if side:
+                data = add_lesion(t1, brain, side, LESION_DIAMETER_MM[task], rng)
+            else:
+                data = np.asarray(t1.dataobj, dtype=np.float32)
+            yield kind, side, i, augment(data, rng, max_shift)
+
+
 def write_volumes(task: str, split: str, count: int, folder: Path, rng: np.random.Generator) -> list[Volume]:
     """`count` augmented volumes per kind (maps for "global"; lesion left / right / healthy T1 for "local")."""
     templates = load_templates()
@@ -117,17 +144,10 @@ def write_volumes(task: str, split: str, count: int, folder: Path, rng: np.rando
                 _write(augment(base, rng), template.affine, path, store_las=bool(i % 2))
                 volumes.append(Volume(path.name, kind))
         return volumes
-    t1 = templates["T1"]
-    brain = np.asarray(templates["grey matter"].dataobj) + np.asarray(templates["white matter"].dataobj) > 0.5
-    for kind, side in (("lesion", "left"), ("lesion", "right"), ("healthy", None)):
-        for i in range(count):
-            data = np.asarray(t1.dataobj, dtype=np.float32)
-            if side:
-                data = add_lesion(t1, brain, side, LESION_DIAMETER_MM[task], rng)
-            path = folder / f"{split}-{kind}-{side or 'none'}-{i:03d}.nii.gz"
-            max_shift = MAX_SHIFT.get(task, MAX_SHIFT_VOXELS)
-            _write(augment(data, rng, max_shift), t1.affine, path, store_las=bool(i % 2))
-            volumes.append(Volume(path.name, kind, side))
+    for kind, side, i, data in local_task_volumes(task, count, rng, templates):
+        path = folder / f"{split}-{kind}-{side or 'none'}-{i:03d}.nii.gz"
+        _write(data, templates["T1"].affine, path, store_las=bool(i % 2))
+        volumes.append(Volume(path.name, kind, side))
     return volumes
 
 

@@ -31,16 +31,15 @@ import torch
 
 from umbrella_llava import UmbrellaVolumeProcessor
 
-from .learning_data import LESION_DIAMETER_MM, MAX_SHIFT, MAX_SHIFT_VOXELS, _write, add_lesion, load_templates
-
-
-def augment_with_shift(data: np.ndarray, rng: np.random.Generator, mask: np.ndarray | None, max_shift: int):
-    """`learning_data.augment`, the same draws in the same order, that also shifts `mask` alike."""
-    peak = float(np.percentile(data, 99.5)) or 1.0
-    shift = tuple(int(s) for s in rng.integers(-max_shift, max_shift + 1, size=3))
-    data = np.roll(data, shift, axis=(0, 1, 2)) * rng.uniform(0.6, 1.4)
-    data = (data + rng.normal(0, 0.04 * peak, size=data.shape)).astype(np.float32)
-    return data, (np.roll(mask, shift, axis=(0, 1, 2)) if mask is not None else None)
+from .learning_data import (
+    LESION_DIAMETER_MM,
+    MAX_SHIFT,
+    MAX_SHIFT_VOXELS,
+    _write,
+    add_lesion,
+    augment_and_shift,
+    load_templates,
+)
 
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -69,7 +68,7 @@ def diagnose(task: str, count: int, seed: int = 0) -> dict:
             for side in ("left", "right", None):
                 data = add_lesion(t1, brain, side, LESION_DIAMETER_MM[task], rng) if side else base
                 mask = (data != base).astype(np.float32) if side else None
-                data, mask = augment_with_shift(data, rng, mask, MAX_SHIFT.get(task, MAX_SHIFT_VOXELS))
+                data, shift = augment_and_shift(data, rng, MAX_SHIFT.get(task, MAX_SHIFT_VOXELS))
                 path = Path(folder) / f"{side}-{i}.nii.gz"
                 _write(data, t1.affine, path, store_las)
                 volume = processor.preprocess_volume(path)[0]
@@ -77,7 +76,7 @@ def diagnose(task: str, count: int, seed: int = 0) -> dict:
                     healthy.append(volume)
                     continue
                 mask_path = Path(folder) / f"{side}-{i}-mask.nii.gz"
-                _write(mask, t1.affine, mask_path, store_las)
+                _write(np.roll(mask, shift, axis=(0, 1, 2)), t1.affine, mask_path, store_las)
                 lesions.append((side, store_las, volume, mask_processor.preprocess_volume(mask_path)[0]))
     healthy_stack = torch.stack(healthy)
     normal_mean, normal_std = healthy_stack.mean(0), healthy_stack.std(0).clamp_min(1e-3)

@@ -48,15 +48,7 @@ from .learning import (
     build_processor,
     conv_features,
 )
-from .learning_data import (
-    LESION_DIAMETER_MM,
-    MAX_SHIFT,
-    MAX_SHIFT_VOXELS,
-    add_lesion,
-    augment,
-    build_learning_data,
-    load_templates,
-)
+from .learning_data import build_learning_data, local_task_volumes
 
 
 def volumes_of(folder: Path, split: str, processor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,18 +115,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 def volumes_in_memory(task: str, count: int, rng: np.random.Generator, processor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` volumes per kind made like `learning_data.write_volumes` (same lesions and augmentation), but kept in
-    memory as RAS arrays (no files: many volumes fit), preprocessed by the same processor."""
-    templates = load_templates()
-    t1 = templates["T1"]
-    brain = np.asarray(templates["grey matter"].dataobj) + np.asarray(templates["white matter"].dataobj) > 0.5
-    base = np.asarray(t1.dataobj, dtype=np.float32)
+    """`count` volumes per kind made like `learning_data.write_volumes` (`local_task_volumes`: same lesions and
+    augmentation), but kept in memory as RAS arrays (no files: many volumes fit), preprocessed by the same processor."""
     volumes, labels = [], []
-    for label, side in ((1, "left"), (2, "right"), (0, None)):
-        for _ in range(count):
-            data = add_lesion(t1, brain, side, LESION_DIAMETER_MM[task], rng) if side else base
-            volumes.append(processor.preprocess_volume(augment(data, rng, MAX_SHIFT.get(task, MAX_SHIFT_VOXELS))))
-            labels.append(label)
+    for _, side, _, data in local_task_volumes(task, count, rng):
+        volumes.append(processor.preprocess_volume(data))
+        labels.append({"left": 1, "right": 2, None: 0}[side])
     return torch.stack(volumes), torch.tensor(labels)
 
 
