@@ -398,7 +398,7 @@ def test_train_script_names_the_record_and_file_of_a_volume_that_fails_mid_train
     assert result.returncode != 0
     assert "parameters trainable" in result.stdout  # it failed in training, not before
     error = next(
-        line for line in result.stderr.splitlines() if line.startswith("umbrella_llava.data.InvalidRecordError")
+        line for line in result.stderr.splitlines() if line.startswith("umbrella_llava.data.records.InvalidRecordError")
     )
     assert "non-finite affine" in error
     assert f"record 'broken-1' (line 2 of {data})" in error and str(data_dir / "broken.nii") in error

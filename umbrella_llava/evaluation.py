@@ -18,7 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .data import ConversationDataset, ConversationRecord, _placeholder_paths
+from .data import ConversationDataset
+from .data.records import ConversationRecord, _placeholder_paths
 from .image_processing_umbrella_llava import stack_volumes
 from .processing_umbrella_llava import UmbrellaLlavaProcessor, drop_volume_inputs_without_volumes
 
