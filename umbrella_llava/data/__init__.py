@@ -8,13 +8,17 @@ One job per file, in the order the data travels:
 - `checks.py`: a whole data set read once (every problem collected, duplicates found, volumes optionally decoded).
 - `dataset.py`: [`ConversationDataset`], records from files as model inputs.
 - `collator.py`: [`UmbrellaCollator`], items batched into `input_ids`, `labels`, `pixel_values` and `image_mask`.
+- `hf_datasets.py`: Hugging Face `datasets` with a `Nifti` volume column (map-style and streaming) as the same
+  items, and record files as such a dataset for `push_to_hub` (the `datasets` extra, imported when first used).
 
-Every public name is importable from `umbrella_llava.data` itself.
+Every public name is importable from `umbrella_llava.data` itself (those of `hf_datasets.py` import `datasets` only
+when used).
 """
 
 from .checks import RecordScan, problem_kind, scan_records, text_special_tokens
 from .collator import UmbrellaCollator, empty_volume_stack
 from .dataset import ITEM_KEYS, ConversationDataset, ConversationItem
+from .hf_datasets import IterableNiftiConversationDataset, NiftiConversationDataset, records_to_dataset
 from .labels import IGNORE_INDEX, encode_record, tokenize_conversation
 from .records import (
     ROLE_ALIASES,
@@ -36,6 +40,8 @@ __all__ = [
     "ConversationItem",
     "ConversationRecord",
     "InvalidRecordError",
+    "IterableNiftiConversationDataset",
+    "NiftiConversationDataset",
     "RecordScan",
     "UmbrellaCollator",
     "chat_example",
@@ -45,6 +51,7 @@ __all__ = [
     "parse_record",
     "problem_kind",
     "read_raw_records",
+    "records_to_dataset",
     "scan_records",
     "text_special_tokens",
     "tokenize_conversation",

@@ -162,7 +162,8 @@ class ConversationItem(Mapping):
 
     The Trainer's `LengthGroupedSampler` (`--train_sampling_strategy group_by_length`) learns each sample's length by
     reading `processor.model_input_names[0]` (`input_ids`) off every item of a dataset that is not a
-    `datasets.Dataset`; with the volumes deferred, that decodes none of them.
+    `datasets.Dataset`; with the volumes deferred, that decodes none of them. `dataset` is any of the package's
+    map-style datasets: what it needs is their `volumes(index)`.
     """
 
     def __init__(self, dataset: ConversationDataset, index: int, input_ids: torch.Tensor, labels: torch.Tensor):

@@ -53,9 +53,13 @@ class ConversationRecord:
     volume_paths: list[Path]
     modalities: list[str | None]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # How errors name a record that did not come from a file (a row of a `datasets` dataset); `None` for files.
+    location: str | None = None
 
     @property
     def where(self) -> str:
+        if self.location is not None:
+            return self.location
         return describe_record(self.record_id, self.source, self.index_in_source)
 
 
@@ -183,33 +187,7 @@ def parse_record(
     where = describe_record(record_id, source, index)
     root = Path(image_root) if image_root is not None else source.parent
 
-    turns = raw.get("conversations")
-    if "conversations" not in raw:
-        wrapped = [key for key, value in raw.items() if isinstance(value, list) and value and _all_records(value)]
-        if wrapped:
-            raise InvalidRecordError(
-                f"{where} is an object holding a list of records under {wrapped[0]!r}, not a record; write the list "
-                "itself at the top level of the file (or one record per line of a .jsonl).",
-                "wrapped records",
-            )
-    if isinstance(turns, str):
-        raise InvalidRecordError(
-            f"{where} has `conversations` as a string, not a list of turns (was it JSON-encoded twice?); write it "
-            "as a JSON list of turn objects.",
-            "malformed",
-        )
-    if turns is not None and not isinstance(turns, list):
-        raise InvalidRecordError(
-            f"{where} has `conversations` of type {type(turns).__name__}; it must be a list of turns.", "malformed"
-        )
-    if not turns:
-        raise InvalidRecordError(f"{where} has no conversation turns.", "empty conversation")
-    messages = [_parse_turn(turn, turn_index, where, special_tokens) for turn_index, turn in enumerate(turns)]
-    if not any(message["role"] == "assistant" for message in messages):
-        raise InvalidRecordError(
-            f"{where} has no assistant turn: there is nothing to learn, and an all -100 label row gives a NaN loss.",
-            "no assistant turn",
-        )
+    messages = parse_messages(raw, where, special_tokens)
 
     placeholders = _placeholder_paths(messages, image_token)
     volume_entries = _volume_entries(raw, where)
@@ -261,6 +239,47 @@ def parse_record(
         modalities=[entry.get("modality") for entry in volume_entries],
         metadata=raw.get("metadata") or {},
     )
+
+
+def parse_messages(raw: dict, where: str, special_tokens: Collection[str] = ()) -> list[dict[str, Any]]:
+    """The turns of a raw record (`conversations`, in UMBRELLA or LLaVA form) as ChatML messages `{"role",
+    "content"}`, checked: a list of known roles with text, no special token typed into text, an assistant turn.
+
+    `where` names the record in every error; the record's volumes are not looked at (see `parse_record`).
+
+    Raises:
+        InvalidRecordError: for a wrapper object around records, `conversations` that is not a list of turns or
+            is empty, a malformed or contradictory turn, an unknown role, a special token in text, or no
+            assistant turn.
+    """
+    turns = raw.get("conversations")
+    if "conversations" not in raw:
+        wrapped = [key for key, value in raw.items() if isinstance(value, list) and value and _all_records(value)]
+        if wrapped:
+            raise InvalidRecordError(
+                f"{where} is an object holding a list of records under {wrapped[0]!r}, not a record; write the list "
+                "itself at the top level of the file (or one record per line of a .jsonl).",
+                "wrapped records",
+            )
+    if isinstance(turns, str):
+        raise InvalidRecordError(
+            f"{where} has `conversations` as a string, not a list of turns (was it JSON-encoded twice?); write it "
+            "as a JSON list of turn objects.",
+            "malformed",
+        )
+    if turns is not None and not isinstance(turns, list):
+        raise InvalidRecordError(
+            f"{where} has `conversations` of type {type(turns).__name__}; it must be a list of turns.", "malformed"
+        )
+    if not turns:
+        raise InvalidRecordError(f"{where} has no conversation turns.", "empty conversation")
+    messages = [_parse_turn(turn, turn_index, where, special_tokens) for turn_index, turn in enumerate(turns)]
+    if not any(message["role"] == "assistant" for message in messages):
+        raise InvalidRecordError(
+            f"{where} has no assistant turn: there is nothing to learn, and an all -100 label row gives a NaN loss.",
+            "no assistant turn",
+        )
+    return messages
 
 
 def _same_role(first: Any, second: Any) -> bool:
