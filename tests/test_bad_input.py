@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -398,7 +399,9 @@ def test_train_script_names_the_record_and_file_of_a_volume_that_fails_mid_train
     assert result.returncode != 0
     assert "parameters trainable" in result.stdout  # it failed in training, not before
     error = next(
-        line for line in result.stderr.splitlines() if line.startswith("umbrella_llava.data.records.InvalidRecordError")
+        line
+        for line in result.stderr.splitlines()
+        if line.startswith("umbrella_llava.data.records.InvalidRecordError")
     )
     assert "non-finite affine" in error
     assert f"record 'broken-1' (line 2 of {data})" in error and str(data_dir / "broken.nii") in error
@@ -662,3 +665,27 @@ def test_pixel_values_as_a_list_are_refused_saying_how_to_batch_them(tiny_model,
     volumes = list(model_batch["pixel_values"])
     with pytest.raises(TypeError, match=r"pixel_values must be one tensor.*got a list of 2 items: batch the volumes"):
         tiny_model(**{**model_batch, "pixel_values": volumes})
+
+
+def test_integer_pixel_values_are_refused_with_their_range(tiny_model, model_batch):
+    # uint8 0..255 straight from a PNG-like pipeline, never normalised: cast to float, it would train silently.
+    raw = (model_batch["pixel_values"].abs() * 100).clamp(0, 255).to(torch.uint8)
+    raw[0, 0, 0, 0, 0, 0] = 255
+    with pytest.raises(TypeError, match=r"pixel_values has dtype torch\.uint8 \(values 0\.\.255\): raw voxels"):
+        tiny_model(**{**model_batch, "pixel_values": raw})
+    with pytest.raises(TypeError, match=r"dtype torch\.int16"):
+        tiny_model.get_image_features(**{**model_batch, "pixel_values": raw.to(torch.int16)})
+
+
+def test_a_valid_slot_of_zeros_is_named_in_a_warning(tiny_model, model_batch):
+    pixel_values = model_batch["pixel_values"].clone()
+    pixel_values[1, 1] = 0  # sample 1's second volume, marked valid
+    pixel_values[0, 1] = 0  # a padding slot: zeros there are expected and not named
+    with pytest.warns(UserWarning, match=r"only zeros in sample 1 slot 1, which image_mask .* marks as volumes"):
+        tiny_model(**{**model_batch, "pixel_values": pixel_values})
+    flattened = {"input_ids": model_batch["input_ids"], "pixel_values": pixel_values[model_batch["image_mask"]]}
+    with pytest.warns(UserWarning, match=r"only zeros in sample 1 slot 1"):
+        tiny_model(**flattened, num_images_per_sample=model_batch["num_images_per_sample"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_model(**model_batch)  # real volumes: no warning

@@ -16,6 +16,7 @@ single-dot relative imports.
 """
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -277,10 +278,49 @@ def check_image_token_blocks(special_image_mask: torch.Tensor, image_seq_length:
     )
 
 
-def check_volumes_are_finite(
+def check_volume_dtype(pixel_values: torch.Tensor) -> None:
+    """Refuse integer or boolean `pixel_values`: raw voxel values (uint8 0..255, int16 scanner units) that were never
+    normalised would otherwise be cast to float and trained on silently, on a scale the embedder never saw.
+
+    Raises:
+        TypeError: giving the dtype and the value range, and how to preprocess.
+    """
+    if pixel_values.is_floating_point():
+        return
+    low, high = (int(pixel_values.min()), int(pixel_values.max())) if pixel_values.numel() else (0, 0)
+    raise TypeError(
+        f"pixel_values has dtype {pixel_values.dtype} (values {low}..{high}): raw voxels, not preprocessed volumes. "
+        "The model reads float volumes normalised as its processor does: pass the scans through "
+        "UmbrellaVolumeProcessor (processor(images=...) or UmbrellaCollator), or normalise them yourself and pass a "
+        "float tensor."
+    )
+
+
+def _volume_places(
+    bad: torch.Tensor, total: int, num_images_per_sample: torch.Tensor | None, image_mask: torch.Tensor | None
+) -> str:
+    """Name the volumes at ranks `bad` of the flattened valid volumes by sample and slot (see `check_volume_values`)."""
+    if image_mask is None and num_images_per_sample is None:
+        return ", ".join(f"volume {m} of {total}" for m in bad.tolist())
+    if image_mask is not None:
+        where = image_mask.nonzero().cpu()[bad].tolist()
+    else:
+        counts = torch.as_tensor(num_images_per_sample).cpu()
+        sample = torch.repeat_interleave(torch.arange(len(counts)), counts)[bad]
+        slot = bad - (torch.cumsum(counts, 0) - counts)[sample]
+        where = torch.stack([sample, slot], dim=1).tolist()
+    return ", ".join(f"sample {b} slot {n}" for b, n in where)
+
+
+def check_volume_values(
     volumes: torch.Tensor, num_images_per_sample: torch.Tensor | None, image_mask: torch.Tensor | None = None
 ) -> None:
-    """Refuse NaN or Inf voxels in the valid volumes, which would make the loss NaN without naming a sample.
+    """Refuse NaN or Inf voxels in the valid volumes, which would make the loss NaN without naming a sample; warn
+    about valid volumes that hold only zeros.
+
+    An all-zero volume in a slot that `image_mask` (or the counts) marks as valid is a padding slot marked valid, or
+    a volume that was never filled; the model would train on it without a word. It is a warning, not an error,
+    because `UmbrellaVolumeProcessor(allow_blank_volumes=True)` turns blank scans into zeros on purpose.
 
     Args:
         volumes: `(M, C, H, W, D)` valid volumes in (sample, slot) order, as [`flatten_volumes`] returns them.
@@ -291,29 +331,27 @@ def check_volumes_are_finite(
 
     Raises:
         ValueError: naming the sample and slot of every volume that holds a NaN or Inf.
+
+    Warns:
+        UserWarning: naming the sample and slot of every valid volume that is all zeros.
     """
-    finite = torch.isfinite(volumes).flatten(1).all(dim=1)
-    if bool(finite.all()):
-        return
-    bad = (~finite).nonzero().flatten().cpu()
-    if image_mask is None and num_images_per_sample is None:
-        listed = ", ".join(f"volume {m} of {volumes.shape[0]}" for m in bad.tolist())
+    flat = volumes.flatten(1)
+    finite = torch.isfinite(flat).all(dim=1)
+    if not bool(finite.all()):
+        listed = _volume_places((~finite).nonzero().flatten().cpu(), len(volumes), num_images_per_sample, image_mask)
         raise ValueError(
             f"pixel_values holds NaN or Inf voxels in {listed}. Check those volumes' files (the volume processor "
             "refuses non-finite and blank volumes unless allowed) or the transform that produced them."
         )
-    if image_mask is not None:
-        where = image_mask.nonzero().cpu()[bad].tolist()
-    else:
-        counts = torch.as_tensor(num_images_per_sample).cpu()
-        sample = torch.repeat_interleave(torch.arange(len(counts)), counts)[bad]
-        slot = bad - (torch.cumsum(counts, 0) - counts)[sample]
-        where = torch.stack([sample, slot], dim=1).tolist()
-    listed = ", ".join(f"sample {b} slot {n}" for b, n in where)
-    raise ValueError(
-        f"pixel_values holds NaN or Inf voxels in {listed}. Check those volumes' files (the volume processor refuses "
-        "non-finite and blank volumes unless allowed) or the transform that produced them."
-    )
+    empty = ~flat.any(dim=1)
+    if bool(empty.any()):
+        listed = _volume_places(empty.nonzero().flatten().cpu(), len(volumes), num_images_per_sample, image_mask)
+        warnings.warn(
+            f"pixel_values holds only zeros in {listed}, which image_mask (or num_images_per_sample) marks as "
+            "volumes: a padding slot marked valid, or a volume never filled, trains on nothing. Expected only for "
+            "blank scans kept with UmbrellaVolumeProcessor(allow_blank_volumes=True).",
+            stacklevel=3,
+        )
 
 
 def init_volume_embeddings(module: UmbrellaVolumeEmbeddings, vision_config) -> None:
@@ -481,8 +519,9 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         if pixel_values is None:
             # generate() pre-encodes whenever the call names pixel_values, also as None for a text-only prompt.
             return None
+        check_volume_dtype(pixel_values)
         volumes, counts = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
-        check_volumes_are_finite(volumes, counts, image_mask if pixel_values.dim() == 6 else None)
+        check_volume_values(volumes, counts, image_mask if pixel_values.dim() == 6 else None)
         kwargs.pop("return_dict", None)  # generate() asks for a dict, which this always returns
         image_outputs = self._encode_volumes(volumes, vision_feature_layer, vision_feature_select_strategy, **kwargs)
         return UmbrellaVolumeFeaturesOutput(**image_outputs, num_images_per_sample=counts)
@@ -667,6 +706,7 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
         volumes, counts, image_outputs = None, None, None
         if pixel_values is not None:
+            check_volume_dtype(pixel_values)
             volumes, counts = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
         if pre_encoded is not None:
             image_outputs = pre_encoded
@@ -677,7 +717,7 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
             placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features, counts)
             if counts is None:  # flattened volumes owned by the text's blocks, which the check above matched
                 counts = placeholder_mask.sum(dim=(1, 2)).cpu() // self.config.image_seq_length
-            check_volumes_are_finite(volumes, counts, image_mask if pixel_values.dim() == 6 else None)
+            check_volume_values(volumes, counts, image_mask if pixel_values.dim() == 6 else None)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask.to(inputs_embeds.device), image_features)
         else:
             if self.training and torch.is_grad_enabled():
