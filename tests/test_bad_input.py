@@ -689,3 +689,58 @@ def test_a_valid_slot_of_zeros_is_named_in_a_warning(tiny_model, model_batch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_model(**model_batch)  # real volumes: no warning
+
+
+def test_resume_last_with_no_complete_checkpoint_lists_each_folder_and_why(tiny_checkpoint, tmp_path):
+    from transformers import TrainingArguments
+
+    output_dir = tmp_path / "run"
+    truncated = trainer_checkpoint(output_dir / "checkpoint-4", tiny_checkpoint)
+    truncate(truncated / "model.safetensors")
+    unfinished = trainer_checkpoint(output_dir / "checkpoint-6", tiny_checkpoint)
+    (unfinished / "trainer_state.json").unlink()
+    args = TrainingArguments(str(output_dir), resume_from_checkpoint="last", use_cpu=True, report_to="none")
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_resume_checkpoint(args)
+    message = str(error.value)
+    assert f"every checkpoint-N folder in {output_dir} is incomplete" in message
+    assert f"{unfinished}: {unfinished / 'trainer_state.json'} is missing" in message
+    assert f"{truncated}: {truncated / 'model.safetensors'} does not deserialize" in message
+    assert message.index(str(unfinished)) < message.index(str(truncated))  # newest first, as looked at
+
+    empty = TrainingArguments(str(tmp_path / "empty"), resume_from_checkpoint="last", use_cpu=True, report_to="none")
+    with pytest.raises(FileNotFoundError, match=r"empty does not exist"):
+        resolve_resume_checkpoint(empty)
+
+
+class _Payload:
+    """Stands for a malicious object: torch's weights-only load refuses any class it does not know."""
+
+    def __reduce__(self):
+        return (print, ("this would have run at load time",))
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_whose_state_file_is_a_pickle_names_the_file_and_folder(
+    tiny_checkpoint, data_dir, tmp_path
+):
+    data = write_jsonl(data_dir / "train.jsonl", [record("a"), record("b")])
+    run = tmp_path / "run"
+    main(train_args(tiny_checkpoint, data, run, "--save_strategy", "steps", "--save_steps", "2"))
+    checkpoint = run / "checkpoint-2"
+    torch.save({"state": _Payload()}, checkpoint / "optimizer.pt")
+    args = train_args(tiny_checkpoint, data, run, "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint))
+    with pytest.raises(ValueError) as error:
+        main(args)
+    message = str(error.value)
+    assert f"--resume_from_checkpoint {checkpoint}: torch's weights-only load refused" in message
+    assert f"{checkpoint / 'optimizer.pt'}: WeightsUnpickler error: Unsupported global" in message
+    assert "rng_state.pth" not in message  # the Trainer's own RNG file, with the numpy types it allows, loads
+
+
+def test_train_says_how_many_records_repeat_an_earlier_one(tiny_checkpoint, data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("transformers.Trainer.train", lambda *args, **kwargs: None)
+    data = write_jsonl(data_dir / "train.jsonl", [record("a"), record("b"), record("a")])
+    with pytest.warns(UserWarning, match="identical to an earlier record"):
+        main(train_args(tiny_checkpoint, data, tmp_path / "run"))
+    assert "--train_data: 1 of 3 records repeat an earlier record and are kept" in capsys.readouterr().out

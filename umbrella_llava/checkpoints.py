@@ -10,8 +10,16 @@ A `Trainer` writes a checkpoint-N folder in this order: weights, optimizer / sch
 
 import json
 import os
+import pickle
 import zipfile
 from pathlib import Path
+
+import torch
+
+try:  # the numpy types the Trainer allows when it loads rng_state.pth; the same context here, so they are not named
+    from transformers.trainer_pt_utils import safe_globals
+except ImportError:  # pragma: no cover - an older transformers without it
+    from contextlib import nullcontext as safe_globals
 
 from .modeling_umbrella_llava import damaged_weight_files
 
@@ -46,4 +54,28 @@ def incomplete_checkpoint_reasons(folder: str | os.PathLike) -> list[str]:
     return reasons
 
 
-__all__ = ["damaged_weight_files", "incomplete_checkpoint_reasons"]
+def refused_torch_files(folder: str | os.PathLike) -> dict[str, str]:
+    """The torch state files of a checkpoint folder that `torch.load(..., weights_only=True)` refuses, as the
+    Trainer loads them on resume (with the numpy types it allows): a pickle that holds code or objects other than tensors and plain containers.
+
+    Each file is loaded in full (on the CPU), so this is for naming the culprit after a refused resume, not for every
+    resume. `training_args.bin`, which the Trainer never loads, is not checked.
+
+    Returns:
+        `{path: the first line of torch's reason}`, empty when every file loads.
+    """
+    refused = {}
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix not in TORCH_STATE_SUFFIXES or not path.is_file() or path.name == "training_args.bin":
+            continue
+        try:
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            # torch's message opens with general advice; its reason is the "WeightsUnpickler error: ..." line.
+            refused[str(path)] = next((line for line in lines if "Unpickler error" in line), lines[0] if lines else "")
+    return refused
+
+
+__all__ = ["damaged_weight_files", "incomplete_checkpoint_reasons", "refused_torch_files"]

@@ -18,6 +18,7 @@ averaging.
 import json
 import logging
 import os
+import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from transformers.integrations.deepspeed import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoints import damaged_weight_files, incomplete_checkpoint_reasons
+from .checkpoints import damaged_weight_files, incomplete_checkpoint_reasons, refused_torch_files
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
 from .data import ConversationDataset, UmbrellaCollator
 from .distributed import check_distributed_launch, check_process_group
@@ -418,6 +419,7 @@ def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:
     output_dir = training_args.output_dir
     pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    skipped = []
     for _, name in sorted(((int(match[1]), name) for name in names if (match := pattern.match(name))), reverse=True):
         folder = os.path.join(output_dir, name)
         if not os.path.isdir(folder):
@@ -428,7 +430,14 @@ def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:
         logger.warning(
             "--resume_from_checkpoint %s: skipping %s, which is incomplete: %s.", value, folder, "; ".join(reasons)
         )
-    raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}.")
+        skipped.append(f"\n  - {folder}: {'; '.join(reasons)}")
+    if not os.path.isdir(output_dir):
+        looked = f"{output_dir} does not exist"
+    elif not skipped:
+        looked = f"{output_dir} holds no {PREFIX_CHECKPOINT_DIR}-N folder"
+    else:
+        looked = f"every {PREFIX_CHECKPOINT_DIR}-N folder in {output_dir} is incomplete:{''.join(skipped)}"
+    raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint to resume from; {looked}")
 
 
 def build_trainer(
@@ -470,6 +479,15 @@ def build_trainer(
         processing_class=processor,
     )
     world_size = check_process_group(trainer.args)
+    for flag, dataset in (("--train_data", train_dataset), ("--eval_data", eval_dataset)):
+        if dataset is not None and dataset.duplicates:
+            first, earlier = dataset.duplicates[0]
+            _log_main(
+                training_args,
+                f"{flag}: {len(dataset.duplicates)} of {len(dataset)} records repeat an earlier record and are kept, "
+                f"so each is seen that many more times per epoch (first: {first} repeats {earlier}; "
+                "umbrella-check-data lists them all). Remove them from the file to weigh every record once.",
+            )
     trainable, total = parameter_counts(model)
     _log_main(
         training_args,
@@ -565,7 +583,19 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     """
     checkpoint = resolve_resume_checkpoint(training_args)
     trainer, generation_callback = build_trainer(model_args, data_args, training_args)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except pickle.UnpicklingError as error:
+        if checkpoint is None:
+            raise
+        # torch's weights-only load names neither the file nor the folder; find which file it refused.
+        refused = refused_torch_files(checkpoint) or {"(a torch state file)": str(error).splitlines()[0]}
+        listed = "; ".join(f"{path}: {reason}" for path, reason in refused.items())
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint}: torch's weights-only load refused {listed}. Such a file holds "
+            "pickled objects or code, not only tensors; it may be malicious. Resume from another checkpoint, or "
+            "delete the file if you do not need its state (optimizer, scheduler, RNG)."
+        ) from error
     save_final_model(trainer, model_args)
     trainer.save_state()
     if generation_callback is not None:
