@@ -82,6 +82,18 @@ def tiny_model(tokenizer):
     return UmbrellaLlavaForConditionalGeneration(tiny_config(tokenizer)).eval()
 
 
+@pytest.fixture
+def volume_sensitive_model(tiny_model):
+    """The tiny model with its attention's value and output projections scaled 30-fold: at initialisation the residual
+    stream carries mostly the token's own embedding, so the model repeats its last text token whatever the volumes;
+    scaled, what a volume gives decides the next tokens, which a negative control needs."""
+    with torch.no_grad():
+        for layer in tiny_model.model.language_model.layers:
+            layer.self_attn.v_proj.weight.mul_(30.0)
+            layer.self_attn.o_proj.weight.mul_(30.0)
+    return tiny_model
+
+
 @pytest.fixture(scope="session")
 def mni_t1_path(tmp_path_factory) -> Path:
     """nilearn's MNI152 T1 template (a real brain shipped inside the package), written as a .nii.gz file."""

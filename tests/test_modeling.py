@@ -351,18 +351,6 @@ def volume_prompt(config, seed: int) -> dict:
     }
 
 
-@pytest.fixture
-def volume_sensitive_model(tiny_model):
-    """The tiny model with its attention's value and output projections scaled 30-fold: at initialisation the residual
-    stream carries mostly the token's own embedding, so the model repeats its last text token whatever the volumes;
-    scaled, what a volume gives decides the next tokens, which a negative control needs."""
-    with torch.no_grad():
-        for layer in tiny_model.model.language_model.layers:
-            layer.self_attn.v_proj.weight.mul_(30.0)
-            layer.self_attn.o_proj.weight.mul_(30.0)
-    return tiny_model
-
-
 def test_forward_with_logits_to_keep(tiny_model):
     batch = make_batch(tiny_model.config, [2, 1])
     with torch.no_grad():

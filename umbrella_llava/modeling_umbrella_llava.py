@@ -354,6 +354,19 @@ def check_volume_values(
         )
 
 
+def _cached_prompt_length(input_ids: torch.LongTensor, generate_kwargs: dict) -> int:
+    """How many leading positions of `input_ids (B, L)` a cache given to `generate()` already holds: 0 without one,
+    or when `input_ids` holds only the new tokens (shorter than the attention mask), as generate() itself reads it.
+    The cache is `cache` from transformers 5.2x on, `past_key_values` before."""
+    cache = generate_kwargs.get("cache", generate_kwargs.get("past_key_values"))
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    attention_mask = generate_kwargs.get("attention_mask")
+    if attention_mask is not None and attention_mask.shape[-1] != input_ids.shape[1]:
+        return 0
+    return min(int(cache.get_seq_length()), input_ids.shape[1])
+
+
 def init_volume_embeddings(module: UmbrellaVolumeEmbeddings, vision_config) -> None:
     """Initialise the 3-D embedder by the rules its host tower applies to its own 2-D embedding.
 
@@ -511,7 +524,7 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         Returns:
             [`UmbrellaVolumeFeaturesOutput`]: the vision tower's output, whose `pooler_output` holds the valid volumes'
             image-token features `(M, image_seq_length, text_hidden)` in (sample, slot) order, with the volumes per
-            sample beside them; `None` when `pixel_values` is `None`.
+            sample beside them; its `to_tuple()` with `return_dict=False`; `None` when `pixel_values` is `None`.
 
         Raises:
             ValueError: as [`flatten_volumes`], or naming each volume that holds NaN or Inf voxels.
@@ -522,9 +535,10 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         check_volume_dtype(pixel_values)
         volumes, counts = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
         check_volume_values(volumes, counts, image_mask if pixel_values.dim() == 6 else None)
-        kwargs.pop("return_dict", None)  # generate() asks for a dict, which this always returns
+        return_dict = kwargs.pop("return_dict", None)  # generate() asks for a dict; False gives a tuple, as LLaVA's
         image_outputs = self._encode_volumes(volumes, vision_feature_layer, vision_feature_select_strategy, **kwargs)
-        return UmbrellaVolumeFeaturesOutput(**image_outputs, num_images_per_sample=counts)
+        output = UmbrellaVolumeFeaturesOutput(**image_outputs, num_images_per_sample=counts)
+        return output.to_tuple() if return_dict is False else output
 
     def _encode_volumes(
         self,
@@ -849,21 +863,78 @@ class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaF
                 model_inputs.pop(name, None)
         return model_inputs
 
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        r"""[`GenerationMixin.generate`], with volumes beside the prompt (`pixel_values`, `image_mask`,
+        `num_images_per_sample`, as the processor returns them).
+
+        A conversation continues from the cache a previous call returned (`cache=` / `past_key_values=`, with
+        `input_ids` the whole conversation so far, as in transformers' `test_generate_continue_from_past_key_values`):
+        the image tokens the cache holds need no volumes. The volumes given are those of the image tokens after the
+        cache, or those of the whole conversation, of which only the ones after the cache are encoded (so a follow-up
+        question may pass the same volumes again and no scan is encoded twice).
+        """
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is not None and kwargs.get("pixel_values") is not None:
+            cached = _cached_prompt_length(input_ids, kwargs)
+            if cached:
+                self._keep_volumes_after_cache(input_ids, cached, kwargs)
+        return super().generate(inputs=inputs, generation_config=generation_config, **kwargs)
+
+    def _keep_volumes_after_cache(self, input_ids: torch.LongTensor, cached: int, kwargs: dict) -> None:
+        """When the volumes given are those of the whole conversation `input_ids (B, L)` and a cache holds its first
+        `cached` positions, keep in `kwargs` only each sample's volumes whose image tokens come after the cache (the
+        last ones, in slot order); drop the volume inputs when none remain. Anything else is left to the prompt's
+        per-sample check, which names the samples."""
+        pixel_values = kwargs["pixel_values"]
+        _, counts = flatten_volumes(pixel_values, kwargs.get("image_mask"), kwargs.get("num_images_per_sample"))
+        is_image = (input_ids == self.config.image_token_id).cpu()
+        seq_length = self.config.image_seq_length
+        whole, after_cache = is_image.sum(dim=1) // seq_length, is_image[:, cached:].sum(dim=1) // seq_length
+        if counts is None:
+            counts = whole  # flattened volumes without counts belong to the text's blocks
+        if torch.equal(counts, after_cache) or not torch.equal(counts, whole):
+            return
+        if int(after_cache.sum()) == 0:
+            for name in ("pixel_values", "image_mask", "num_images_per_sample"):
+                kwargs.pop(name, None)
+            return
+        if pixel_values.dim() == 6:
+            slots = pixel_values.shape[1]
+            valid = kwargs.get("image_mask")
+            valid = torch.arange(slots) < counts[:, None] if valid is None else valid.cpu().bool()
+            rank = valid.cumsum(dim=1) - 1  # a slot's rank among its sample's volumes
+            kept = valid & (rank >= (counts - after_cache)[:, None])
+            kwargs["image_mask"] = kept.to(pixel_values.device)
+        else:
+            rank = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+            kept = rank >= torch.repeat_interleave(counts - after_cache, counts)
+            kwargs["pixel_values"] = pixel_values[kept.to(pixel_values.device)]
+        kwargs["num_images_per_sample"] = after_cache
+
     def _check_generation_prompt(self, input_ids: torch.LongTensor | None, model_kwargs: dict) -> None:
         """Refuse a prompt whose image tokens do not match its volumes, sample by sample, before any forward.
 
         The forward checks raw volumes at the prefill, but not image tokens without volumes once a cache is given,
-        nor a prompt whose pre-encoded features reach the forward chunk by chunk (`prefill_chunk_size`).
+        nor a prompt whose pre-encoded features reach the forward chunk by chunk (`prefill_chunk_size`). Only the
+        positions after a given cache are checked: the cache already holds what the earlier image tokens read. A
+        prompt given as `inputs_embeds` without volumes is not checked: its embeddings, not its ids, fill the cache.
         """
         if input_ids is None or input_ids.numel() == 0:
+            return
+        cached = _cached_prompt_length(input_ids, model_kwargs)
+        if model_kwargs.get("inputs_embeds") is not None and model_kwargs.get("pixel_values") is None:
             return
         pre_encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
         if pre_encoded is not None:
             counts = getattr(pre_encoded, "num_images_per_sample", None)
             if counts is not None:
+                # Features of the whole prompt (an assistant model's later calls) or of the part after the cache.
+                blocks = (input_ids == self.config.image_token_id).sum(dim=1).cpu() // self.config.image_seq_length
+                if cached and not torch.equal(blocks, torch.as_tensor(counts).cpu()):
+                    input_ids = input_ids[:, cached:]
                 self.model.get_placeholder_mask(input_ids, None, pre_encoded.pooler_output, counts)
         elif model_kwargs.get("pixel_values") is None:
-            self.model.get_placeholder_mask(input_ids, None, None)
+            self.model.get_placeholder_mask(input_ids[:, cached:], None, None)
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # generate() calls this once per call, after any pre-encoding: the place to check the whole prompt.
