@@ -285,8 +285,8 @@ def check_volume_dtype(pixel_values: torch.Tensor) -> None:
     Raises:
         TypeError: giving the dtype and the value range, and how to preprocess.
     """
-    if pixel_values.is_floating_point():
-        return
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.is_floating_point():
+        return  # a list is refused by `flatten_volumes`, with how to batch it
     low, high = (int(pixel_values.min()), int(pixel_values.max())) if pixel_values.numel() else (0, 0)
     raise TypeError(
         f"pixel_values has dtype {pixel_values.dtype} (values {low}..{high}): raw voxels, not preprocessed volumes. "
