@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 import umbrella_llava
 from umbrella_llava import UmbrellaLlavaForConditionalGeneration, UmbrellaLlavaModel
+from umbrella_llava.hub import REMOTE_CODE_FILES
 
 PACKAGE_DIR = Path(umbrella_llava.__file__).parent
 REMOTE_CODE_PREFIXES = ("configuration_", "modeling_", "processing_", "image_processing_", "pipeline_")
@@ -37,7 +38,10 @@ def test_save_pretrained_writes_code_and_auto_map(tmp_path, tiny_model):
 
 
 def test_remote_code_files_are_flat_and_import_only_torch_transformers_einops():
-    files = [p for p in PACKAGE_DIR.glob("*.py") if p.name.startswith(REMOTE_CODE_PREFIXES)]
+    # The transformers-named files, and the siblings they import (listed in hub.REMOTE_CODE_FILES).
+    files = [
+        p for p in PACKAGE_DIR.glob("*.py") if p.name.startswith(REMOTE_CODE_PREFIXES) or p.name in REMOTE_CODE_FILES
+    ]
     assert {"configuration_umbrella_llava.py", "modeling_umbrella_llava.py"} <= {p.name for p in files}
     for path in files:
         tree = ast.parse(path.read_text())
@@ -49,7 +53,8 @@ def test_remote_code_files_are_flat_and_import_only_torch_transformers_einops():
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     assert node.level == 1 and "." not in (node.module or ""), f"{path.name}: nested relative import"
-                    assert (PACKAGE_DIR / f"{node.module}.py").name.startswith(REMOTE_CODE_PREFIXES), path.name
+                    sibling = f"{node.module}.py"
+                    assert sibling.startswith(REMOTE_CODE_PREFIXES) or sibling in REMOTE_CODE_FILES, path.name
                     continue
                 names = [node.module]
             elif isinstance(node, ast.Import):
@@ -128,6 +133,7 @@ def test_processors_resolve_through_auto_classes(tmp_path, tokenizer, tiny_model
     processor.save_pretrained(tmp_path)
     assert (tmp_path / "processing_umbrella_llava.py").exists()
     assert (tmp_path / "image_processing_umbrella_llava.py").exists()
+    assert (tmp_path / "dicom_series.py").exists()  # imported by the image processor, copied by transformers
     assert type(AutoProcessor.from_pretrained(tmp_path)) is UmbrellaLlavaProcessor
     image_processor = AutoImageProcessor.from_pretrained(tmp_path)
     assert type(image_processor) is UmbrellaVolumeProcessor

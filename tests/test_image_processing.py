@@ -317,12 +317,13 @@ def test_save_pretrained_round_trip(tmp_path, mni_t1_path):
 # --- remote code without nibabel ---------------------------------------------------------------------------------
 
 
-def test_remote_code_imports_only_allowed_libraries():
+@pytest.mark.parametrize("module", ["image_processing_umbrella_llava.py", "dicom_series.py"])
+def test_remote_code_imports_only_allowed_libraries(module):
     from transformers.dynamic_module_utils import get_imports
 
-    module = REPO_ROOT / "umbrella_llava" / "image_processing_umbrella_llava.py"
     # The standard library is always there; anything else must be installed on the machine that loads the checkpoint.
-    assert set(get_imports(module)) <= set(sys.stdlib_module_names) | {"torch", "transformers", "einops"}
+    imports = get_imports(REPO_ROOT / "umbrella_llava" / module)
+    assert set(imports) <= set(sys.stdlib_module_names) | {"torch", "transformers", "einops"}
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ MODEL_FILES = {
     "modeling_umbrella_llava.py",
     "processing_umbrella_llava.py",
     "image_processing_umbrella_llava.py",
+    "dicom_series.py",
     "pipeline_umbrella_llava.py",
     "processor_config.json",
     "tokenizer.json",

@@ -47,7 +47,9 @@ def marked_scan(mni_t1_path, storage: str) -> tuple[nib.Nifti1Image, tuple[int, 
 @pytest.mark.parametrize("voxel_spacing", [None, 3.0])
 def test_a_map_returns_to_the_scan_grid_where_the_scan_put_it(mni_t1_path, storage, voxel_spacing):
     scan, marker = marked_scan(mni_t1_path, storage)
-    processor = UmbrellaVolumeProcessor(volume_size=(48, 48, 48), voxel_spacing=voxel_spacing, normalization="none", clip_percentiles=None)
+    processor = UmbrellaVolumeProcessor(
+        volume_size=(48, 48, 48), voxel_spacing=voxel_spacing, normalization="none", clip_percentiles=None
+    )
     on_grid = processor.preprocess_volume(scan)[0]
     back = to_scan_space(on_grid, scan, processor)
     assert back.shape == scan.shape and np.allclose(back.affine, scan.affine)

@@ -1,13 +1,16 @@
-"""Image processing for UmbrellaLlava: NIfTI volumes of any orientation and spacing → RAS+ tensors of one size.
+"""Image processing for UmbrellaLlava: NIfTI volumes and DICOM series of any orientation and spacing → RAS+ tensors
+of one size.
 
 This file travels to the Hub as remote code: at the top level it imports only the standard library, torch and
 transformers, and siblings with single-dot relative imports. nibabel (to read NIfTI files) and numpy are optional:
-arrays and tensors work without nibabel, and a NIfTI path without it is a clear `ImportError`.
+arrays and tensors work without nibabel, and a NIfTI path without it is a clear `ImportError`. A folder holding one
+DICOM series is read by the sibling `dicom_series.py` (SimpleITK, `pip install umbrella_llava[dicom]`) into a nibabel
+image with a RAS affine, and from there takes the same steps as a NIfTI file.
 
 The path of one volume, one small function per step:
 
-    read (`load_volume`: decode once, take a 4-D file's frames as `frames` says, reorient to RAS+, voxel spacing
-          from the affine)
+    read (`load_volume`: a NIfTI file or a DICOM series folder (`load_image`); decode once, take a 4-D file's frames
+          as `frames` says, reorient to RAS+, voxel spacing from the affine)
       ─▶ NaN/±Inf voxels set to 0
       ─▶ spatial: resize the field of view to `volume_size` (trilinear), or, with `voxel_spacing`, resample to that
          spacing and centre-crop/pad to `volume_size`, so that one voxel is always the same number of millimetres
@@ -123,6 +126,27 @@ def load_nifti(path: str | os.PathLike) -> "nib.spatialimages.SpatialImage":
         raise InvalidVolumeError(f"{path} is not a readable NIfTI file: {err}", "unreadable file") from err
 
 
+def load_image(path: str | os.PathLike) -> "nib.spatialimages.SpatialImage":
+    """Open a volume path as a nibabel image: a `.nii` / `.nii.gz` file (header only; voxels decoded later, once), or
+    a folder holding one DICOM series (read whole into memory, float32, with a RAS affine from the series' geometry;
+    see `dicom_series.read_dicom_series`).
+
+    Raises:
+        IsADirectoryError: if `path` is a folder that holds no DICOM file.
+        ImportError: for a DICOM folder without SimpleITK (the message says `pip install umbrella_llava[dicom]`), or
+            a NIfTI file without nibabel.
+        InvalidVolumeError: naming the file or folder, for a file that is not a readable NIfTI, or a folder that is
+            not one DICOM volume (several series, missing or duplicate slices, uneven spacing, a localizer mixed in,
+            one 2-D image, undecodable pixels; `kind` says which).
+        FileNotFoundError, PermissionError, OSError: see `load_nifti`.
+    """
+    if os.path.isdir(path):
+        from .dicom_series import read_dicom_series  # here, not above: it imports InvalidVolumeError from this file
+
+        return read_dicom_series(path, max_voxels=MAX_VOXELS)
+    return load_nifti(path)
+
+
 def _check_readable_file(path: str) -> None:
     """Raise an `OSError` that says what the path is, when it is not a regular file this process can read."""
     try:
@@ -141,7 +165,8 @@ def _check_readable_file(path: str) -> None:
         raise OSError(err.errno, f"Cannot examine the volume file {path}: {err.strerror}") from None
     if stat.S_ISDIR(status.st_mode):
         raise IsADirectoryError(
-            f"Volume path {path} is a directory, not a NIfTI file; name the .nii / .nii.gz file itself."
+            f"Volume path {path} is a directory, not a NIfTI file; name the .nii / .nii.gz file itself, or a folder "
+            "of one DICOM series (read by load_image and load_volume)."
         )
     if not stat.S_ISREG(status.st_mode):
         raise OSError(f"Volume path {path} is not a regular file (a device, socket or pipe); name a NIfTI file.")
@@ -293,9 +318,10 @@ def load_volume(
     """Read one volume as a float32 tensor `(C, H, W, D)`, in RAS+ voxel order where the source has an affine.
 
     Args:
-        source: a `.nii` / `.nii.gz` path (`str` or `os.PathLike`), a nibabel image, or a numpy array / torch
-            tensor of shape `(H, W, D)` or channel-first `(C, H, W, D)`. Arrays and tensors carry no geometry: they
-            are taken as already RAS+ and already at the processor's voxel spacing.
+        source: a `.nii` / `.nii.gz` path (`str` or `os.PathLike`), the path of a folder holding one DICOM series, a
+            nibabel image, or a numpy array / torch tensor of shape `(H, W, D)` or channel-first `(C, H, W, D)`.
+            Arrays and tensors carry no geometry: they are taken as already RAS+ and already at the processor's voxel
+            spacing.
         frames: what the frames of a file or nibabel image `(H, W, D, T)` with T > 1 become (see
             `UmbrellaVolumeProcessor`): `"error"`, `"mean"`, `"first"`, an int index (negative counts from the
             last frame) or `"channels"`. Arrays and tensors are unaffected.
@@ -309,7 +335,8 @@ def load_volume(
         contiguous.
 
     Raises:
-        FileNotFoundError, IsADirectoryError, PermissionError, OSError, ImportError: see `load_nifti`.
+        FileNotFoundError, IsADirectoryError, PermissionError, OSError, ImportError: see `load_nifti` and
+            `load_image`.
         InvalidVolumeError: naming the source, for anything wrong with what it holds (see `_check_image`: several
             frames that `frames` refuses or cannot index, a frame count other than `volume_channels` with
             `frames="channels"`, a shape that is neither 3-D nor 4-D, a zero-length axis, more than `MAX_VOXELS`
@@ -320,7 +347,7 @@ def load_volume(
     name = describe_source(source)
     try:
         if isinstance(source, (str, os.PathLike)):
-            source = load_nifti(source)
+            source = load_image(source)
         if nib is not None and isinstance(source, nib.spatialimages.SpatialImage):
             return _ras_voxels(source, name, frames, volume_channels)
     except (InvalidVolumeError, OSError, ImportError):
@@ -600,12 +627,13 @@ def _as_frames(value: str | int, volume_channels: int) -> str | int:
 
 class UmbrellaVolumeProcessor(BaseImageProcessor):
     r"""
-    Turns 3-D volumes (NIfTI paths, nibabel images, arrays, tensors) into the `pixel_values (B, N, C, H, W, D)`,
-    `image_mask (B, N)` and `num_images_per_sample (B,)` that [`UmbrellaLlavaForConditionalGeneration`] takes.
+    Turns 3-D volumes (NIfTI paths, folders of one DICOM series, nibabel images, arrays, tensors) into the
+    `pixel_values (B, N, C, H, W, D)`, `image_mask (B, N)` and `num_images_per_sample (B,)` that
+    [`UmbrellaLlavaForConditionalGeneration`] takes.
 
-    Files and nibabel images are reoriented to RAS+ from their affine, so the same brain stored LAS, or with its axes
-    permuted, gives the same tensor (rotations are snapped to the closest axes; nothing is interpolated for
-    orientation). Arrays and tensors are taken as RAS+ already.
+    Files, DICOM series (from their ImageOrientationPatient, ImagePositionPatient and PixelSpacing) and nibabel images
+    are reoriented to RAS+ from their affine, so the same brain stored LAS, or with its axes permuted, gives the same
+    tensor (rotations are snapped to the closest axes; nothing is interpolated for orientation). Arrays and tensors are taken as RAS+ already.
 
     Args:
         volume_size (`tuple[int, int, int]`, defaults to `(96, 96, 96)`):
@@ -780,4 +808,4 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
         return type(self)(**{**self.preprocessing_options(), **overrides}) if overrides else self
 
 
-__all__ = ["InvalidVolumeError", "UmbrellaVolumeProcessor", "stack_volumes", "load_volume", "load_nifti"]
+__all__ = ["InvalidVolumeError", "UmbrellaVolumeProcessor", "stack_volumes", "load_volume", "load_image", "load_nifti"]

@@ -30,8 +30,8 @@ CUSTOM_PIPELINES = {
 
 class UmbrellaLlavaImageTextToTextPipeline(ImageTextToTextPipeline):
     """[`ImageTextToTextPipeline`] for volumes. Chats with image items, a text with `<image>` placeholders beside
-    `images=` (a NIfTI path, an array or tensor `(H, W, D)` / `(C, H, W, D)`, or a list of them), and text alone work
-    as in the stock pipeline. Two steps differ, because volumes are not PIL images:
+    `images=` (a NIfTI path, a DICOM series folder, an array or tensor `(H, W, D)` / `(C, H, W, D)`, or a list of
+    them), and text alone work as in the stock pipeline. Two steps differ, because volumes are not PIL images:
 
     - `images=` go to the processor as given, which reads them; the stock pipeline opens them with PIL.
     - Each input's valid volumes travel flattened, `pixel_values (M, C, H, W, D)` with `num_images_per_sample (1,)`,

@@ -1,7 +1,8 @@
 """A PNG of the three orthogonal mid-planes of a preprocessed volume, to check orientation and intensity at a glance.
 
 From Python, `save_preview("sub-01_T1w.nii.gz", "preview.png")`; from the command line,
-`umbrella-preview sub-01_T1w.nii.gz --output preview.png` (or `python -m umbrella_llava.preview ...`).
+`umbrella-preview sub-01_T1w.nii.gz --output preview.png` (or `python -m umbrella_llava.preview ...`). A folder
+holding one DICOM series is drawn the same way (`umbrella-preview dicom/sub-01_t1/`).
 
 The volume is drawn as the model sees it: after `UmbrellaVolumeProcessor` (RAS+ voxel order, resized, normalised).
 Each panel's edges carry the patient's directions (R/L, A/P, S/I), and the colour bar shows the intensity range. For a
@@ -74,7 +75,10 @@ def render_preview(volume: torch.Tensor, title: str | None = None) -> Figure:
 
 def frames_label(source, image_processor: UmbrellaVolumeProcessor) -> str | None:
     """What `image_processor.frames` makes of `source`, a path or nibabel image of several frames, in words for the
-    title (e.g. "frames='mean': the mean of its 2 frames"); `None` for a 3-D file, an array or a tensor."""
+    title (e.g. "frames='mean': the mean of its 2 frames"); `None` for a 3-D file, a DICOM series (always one 3-D
+    volume), an array or a tensor."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        return None
     if isinstance(source, (str, os.PathLike)):
         source = load_nifti(source)  # the header only
     shape = tuple(source.shape) if hasattr(source, "dataobj") else ()
@@ -99,7 +103,7 @@ def save_preview(
     """Write the three mid-planes of a preprocessed volume to `png_path`.
 
     Args:
-        volume_or_path: a NIfTI path or a nibabel image, preprocessed with `image_processor` (a default
+        volume_or_path: a NIfTI path, a DICOM series folder or a nibabel image, preprocessed with `image_processor` (a default
             `UmbrellaVolumeProcessor()` when `None`); or an array / tensor `(C, H, W, D)` or `(H, W, D)`, drawn as it
             is when `image_processor` is `None` (it is taken as already preprocessed), else preprocessed too.
         png_path: the PNG to write; its folder must exist.
@@ -119,7 +123,7 @@ def save_preview(
         volume = image_processor.preprocess_volume(volume_or_path)
         frames = frames_label(volume_or_path, image_processor)
     if title is None and isinstance(volume_or_path, (str, os.PathLike)):
-        title = os.path.basename(os.fspath(volume_or_path))
+        title = os.path.basename(os.path.normpath(volume_or_path))
     title = "\n".join(line for line in (title, frames) if line) or None
     figure = render_preview(volume, title=title)
     FigureCanvasAgg(figure).print_png(os.fspath(png_path))
@@ -141,9 +145,10 @@ def frames_argument(value: str) -> str | int:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="umbrella-preview",
-        description="Write a PNG of the sagittal, coronal and axial mid-planes of a NIfTI volume after preprocessing.",
+        description="Write a PNG of the sagittal, coronal and axial mid-planes of a NIfTI volume or a DICOM series "
+        "after preprocessing.",
     )
-    parser.add_argument("path", help="a .nii or .nii.gz file")
+    parser.add_argument("path", help="a .nii or .nii.gz file, or a folder holding one DICOM series")
     parser.add_argument("--output", "-o", help="the PNG to write (default: <volume name>_preview.png here)")
     parser.add_argument("--volume_size", type=int, nargs=3, default=[96, 96, 96], metavar=("H", "W", "D"))
     parser.add_argument("--voxel_spacing", type=float, nargs=3, default=None, metavar=("H", "W", "D"), help="mm")
@@ -162,10 +167,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: `umbrella-preview PATH --output out.png [--volume_size H W D] [--voxel_spacing ...]`."""
     args = _parse_args(argv)
-    name = os.path.basename(args.path)
+    name = os.path.basename(os.path.normpath(args.path))
     output = args.output or f"{name.removesuffix('.gz').removesuffix('.nii')}_preview.png"
     volume_channels = 1
     if args.frames == "channels":  # one channel per frame: as many channels as this file has frames
+        if os.path.isdir(args.path):
+            raise SystemExit(f"umbrella-preview: {args.path} is a DICOM series folder, one 3-D volume without frames.")
         shape = load_nifti(args.path).shape
         if len(shape) != 4 or shape[3] == 1:
             raise SystemExit(f"umbrella-preview: {args.path} has shape {shape}, no frames to make channels of.")

@@ -3,7 +3,9 @@
 An entry is keyed by the file (resolved path, size, modification time in ns, and its content: for a `.gz` the first
 and last 64 KiB, which hold the NIfTI header and the gzip CRC-32 of all the voxels; for any other file, such as an
 uncompressed `.nii`, a SHA-256 of all of it, since an edit in place that keeps the size and the modification time
-leaves its edges alike) and by everything that decides the preprocessing (the image processor's options and its
+leaves its edges alike; for a DICOM series folder, the same for each of its files, by name: DICOM slices are
+uncompressed files, or compressed per frame without a checksum, so each is hashed whole, like a `.nii`, and a slice
+added, removed or edited is seen) and by everything that decides the preprocessing (the image processor's options and its
 `preprocessing_revision`). Change either and the entry is simply never found again; old entries stay on disk until
 the folder is deleted.
 
@@ -33,6 +35,8 @@ from typing import Any
 
 import torch
 
+from .dicom_series import series_files
+
 logger = logging.getLogger(__name__)
 
 _EDGE_BYTES = 64 * 1024
@@ -46,11 +50,14 @@ _IRRELEVANT_KEYS = ("auto_map", "processor_class", "_processor_class")
 
 def file_fingerprint(path: Path) -> dict[str, Any]:
     """An identity of a file's content: resolved path, size, mtime (ns), and for a `.gz` file a hash of its first and
-    last 64 KiB (`edges`: header and gzip CRC-32), for any other a hash of all of it (`content`).
+    last 64 KiB (`edges`: header and gzip CRC-32), for any other a hash of all of it (`content`). For a folder (a
+    DICOM series), the path and the fingerprint of each file the series reader may read (`files`, sorted by name).
 
     Raises:
         FileNotFoundError: naming the path, if it does not exist.
     """
+    if path.is_dir():
+        return {"path": str(path), "files": [file_fingerprint(Path(name)) for name in series_files(path)]}
     stat = path.stat()
     fingerprint = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     with open(path, "rb") as file:

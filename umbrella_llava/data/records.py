@@ -226,7 +226,7 @@ def parse_record(
                 "placeholder mismatch",
             )
     for volume_path in volume_paths:
-        if not volume_path.is_file():
+        if not (volume_path.is_file() or volume_path.is_dir()):  # a folder may hold a DICOM series
             raise FileNotFoundError(f"{where} names volume {volume_path}, which does not exist.")
 
     return ConversationRecord(
