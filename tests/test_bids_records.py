@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 import torch
 from conftest import tiny_config
@@ -450,3 +451,20 @@ def test_the_documented_question_files_parse():
         kinds = bids_questions.parse_questions(yaml.safe_load(example))
         assert [kind.compare for kind in kinds if kind.compare] == ["greater"]
         assert any(len(kind.images) == 2 and len(kind.turns) == 2 for kind in kinds)
+
+
+def test_push_to_hub_shares_every_split_as_a_nifti_dataset(bids_dataset, questions_file, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    pushed = []
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", lambda self, repo, **kw: pushed.append((self, repo, kw)))
+    splits = _build(bids_dataset, questions_file, tmp_path / "out", "--push_to_hub", "lab/brains", "--private")
+    ((dataset, repo, options),) = pushed
+    assert repo == "lab/brains" and options == {"private": True}
+    assert set(dataset) == {name for name, records in splits.items() if records}
+    for name, records in splits.items():
+        if not records:
+            continue
+        assert dataset[name]["id"] == [record["task_id"] for record in records]
+        assert isinstance(dataset[name].features["images"].feature, datasets.Nifti)
+        first = dataset[name][0]["images"][0]  # decoded from the BIDS file the record names
+        assert first.shape[:3] == nib.load(bids_dataset / records[0]["images"][0]["path"]).shape[:3]

@@ -821,6 +821,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="Folders under derivatives/ to index; a question's images take scope: NAME to read from one.",
     )
+    parser.add_argument(
+        "--push_to_hub",
+        default=None,
+        metavar="REPO",
+        help="Also share the splits as a Hugging Face dataset with a Nifti column (the volumes' bytes embedded); "
+        "needs the datasets extra and a login (huggingface-cli login).",
+    )
+    parser.add_argument("--private", action="store_true", help="With --push_to_hub: a private dataset repository.")
     return parser
 
 
@@ -848,6 +856,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not any(record_set.records.values()):
         print(f"{parser.prog}: no records were built; {paths['summary']} lists why.", file=sys.stderr)
         return 1
+    if args.push_to_hub:
+        from .data.hf_datasets import push_records_to_hub
+
+        splits = {name: paths[name] for name, records in record_set.records.items() if records}
+        try:
+            push_records_to_hub(splits, args.push_to_hub, image_root=args.bids, private=args.private)
+        except ImportError as error:
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
+        print(f"Pushed the splits {sorted(splits)} to the dataset repository {args.push_to_hub}", file=sys.stderr)
     return 0
 
 

@@ -410,10 +410,30 @@ def records_to_dataset(
     return dataset.cast_column("images", datasets.List(datasets.Nifti()))
 
 
+def push_records_to_hub(
+    files: dict[str, str | Path], repo_id: str, image_root: str | Path | None = None, **push_kwargs
+) -> "datasets.DatasetDict":
+    """Share record files as one `datasets` dataset on the Hub: a split per file (`{"train": "out/train.jsonl",
+    ...}`), each as `records_to_dataset` builds it, so the volumes travel as `Nifti` bytes. `push_kwargs` go to
+    `DatasetDict.push_to_hub` (`private=True`, `token=...`, `commit_message=...`). Returns the pushed dataset.
+
+    Raises:
+        ImportError: without the `datasets` extra.
+        InvalidRecordError / FileNotFoundError: as `records_to_dataset`, before anything is uploaded.
+    """
+    datasets = require_datasets()
+    splits = datasets.DatasetDict(
+        {name: records_to_dataset(path, image_root=image_root) for name, path in files.items()}
+    )
+    splits.push_to_hub(repo_id, **push_kwargs)
+    return splits
+
+
 __all__ = [
     "IterableNiftiConversationDataset",
     "NiftiConversationDataset",
     "RowEncoder",
+    "push_records_to_hub",
     "records_to_dataset",
     "require_datasets",
 ]
