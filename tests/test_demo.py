@@ -29,6 +29,11 @@ def test_demo_runs_end_to_end_and_writes_everything(tmp_path):
         row = metrics["accuracy"][question]
         assert row["total"] == 2 and 0.0 <= row["accuracy"] <= 1.0
         assert row["chance"] == pytest.approx(chance)
+        # scored by umbrella-evaluate's code: the interval and the whole evaluation, report beside it
+        assert row["ci95"] is None or row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+        assert metrics["evaluation"]["tasks"][question]["accuracy"]["value"] == row["accuracy"]
+        assert (output_dir / "evaluation" / f"confusion_{question}.png").is_file()
+    assert "| categorical task | n | accuracy |" in (output_dir / "evaluation" / "report.md").read_text()
     assert metrics["train"]["steps"] == 6
     assert isinstance(metrics["reload"]["answer"], str)
 

@@ -14,7 +14,14 @@ from conftest import REPO_ROOT, tiny_config
 
 from umbrella_llava import UmbrellaLlavaForConditionalGeneration
 
-COMMANDS = ("umbrella-train", "umbrella-convert", "umbrella-push", "umbrella-demo", "umbrella-preview")
+COMMANDS = (
+    "umbrella-train",
+    "umbrella-convert",
+    "umbrella-push",
+    "umbrella-demo",
+    "umbrella-preview",
+    "umbrella-evaluate",
+)
 BUILD_LEFTOVERS = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "outputs", ".*_cache")
 
 

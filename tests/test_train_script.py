@@ -168,6 +168,7 @@ def test_cli_trains_writes_complete_remote_code_checkpoints_and_reports_generati
         "configuration_umbrella_llava.py",
         "processing_umbrella_llava.py",
         "image_processing_umbrella_llava.py",
+        "dicom_series.py",
         "tokenizer.json",
         "chat_template.jinja",
         "trainer_state.json",
@@ -178,7 +179,7 @@ def test_cli_trains_writes_complete_remote_code_checkpoints_and_reports_generati
     report = json.loads((output_dir / "eval_generation.json").read_text())
     assert set(report["metrics"]) == {"eval_accuracy_T1", "eval_accuracy_T2", "eval_accuracy_overall"}
     assert {task: counts["total"] for task, counts in report["per_task"].items()} == {"T1": 2, "T2": 1}
-    assert [r["record_id"] for r in report["results"]] == ["t1-10", "t1-11", "t2-10"]
+    assert [r["record"] for r in report["results"]] == ["t1-10", "t1-11", "t2-10"]
     assert report["results"][2]["reference"] == "The second."
     assert report["results"][2]["prompt"].endswith("Which scan is brighter?<|im_end|>\n<|im_start|>assistant\n")
     state = json.loads((output_dir / "trainer_state.json").read_text())
@@ -500,7 +501,7 @@ def test_ddp_on_two_cpu_processes_forms_one_group_and_matches_one_process_with_t
     state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
     assert state["global_step"] == 2, "8 records at 2 per process: 2 steps only if the two processes share the epoch"
     report = json.loads((tmp_path / "ddp" / "eval_generation.json").read_text())
-    assert [r["record_id"] for r in report["results"]] == ["t1-10", "t1-11", "t2-10"]  # each record once
+    assert [r["record"] for r in report["results"]] == ["t1-10", "t1-11", "t2-10"]  # each question once
 
     # The same run in one process with twice the per-device batch takes the same steps.
     single = main(train_args(run_inputs, tmp_path / "single", *common) + ["--per_device_train_batch_size", "4"])
@@ -592,10 +593,10 @@ def test_normalize_answer_ignores_case_punctuation_and_spacing():
 
 def test_accuracy_metrics_per_task_type_and_overall():
     results = [
-        {"task_type": "T1", "correct": True},
-        {"task_type": "T1", "correct": False},
-        {"task_type": "T2", "correct": True},
-        {"task_type": "untyped", "correct": True},
+        {"task": "T1", "correct": True},
+        {"task": "T1", "correct": False},
+        {"task": "T2", "correct": True},
+        {"task": "untyped", "correct": True},
     ]
     assert accuracy_metrics(results) == {
         "eval_accuracy_T1": 0.5,

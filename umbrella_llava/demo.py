@@ -12,8 +12,10 @@
    No question can be answered from its text: the answer is in the volumes only.
 2. Trains an UmbrellaLlava from scratch with the stock `transformers.Trainer` (ConversationDataset +
    UmbrellaCollator, a locally trained tokenizer).
-3. Measures held-out accuracy per question type with greedy `generate()` and writes `DIR/metrics.json`
-   (accuracy, chance level, counts).
+3. Measures held-out accuracy per question type with greedy `generate()`, scored by the package's evaluation (the
+   code of `umbrella-evaluate`: accuracy, balanced accuracy and macro F1 with 95 % bootstrap intervals, the majority
+   baseline), and writes `DIR/metrics.json` (accuracy with its interval, chance level, counts, and the whole
+   evaluation) and `DIR/evaluation/` (predictions.jsonl, metrics.json, report.md, a confusion matrix per question).
 4. Saves `DIR/model` (model, processor, code, model card), reloads it in a fresh Python process through
    `AutoModelForImageTextToText` with `trust_remote_code=True`, and answers a question about one held-out volume.
 5. Writes `DIR/loss_curve.png` and `DIR/preview.png` (the three mid-planes of a preprocessed volume).
@@ -43,8 +45,10 @@ from umbrella_llava import (
 from umbrella_llava.data import ConversationDataset, UmbrellaCollator
 from umbrella_llava.evaluation import evaluate_generation
 from umbrella_llava.hub import render_model_card
+from umbrella_llava.metrics import compute_metrics, require_eval_extra
 from umbrella_llava.model_sizes import ModelSize, umbrella_config
 from umbrella_llava.preview import save_preview
+from umbrella_llava.report import evaluation_provenance, write_evaluation
 from umbrella_llava.tokenization import build_chatml_tokenizer
 
 logger = logging.getLogger("demo")
@@ -234,21 +238,39 @@ def train(args, model, processor, train_dataset, output_dir: Path) -> Trainer:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def accuracy_by_question(model, processor, eval_dataset) -> dict:
+def evaluate_by_question(model, processor, eval_dataset, folder: Path, seed: int) -> tuple[dict, dict]:
+    """Greedy answers to the held-out questions, scored per question type (not per `task_type`: "tissue" and "side"
+    are both T1) by the package's evaluation (`metrics.compute_metrics`, with bootstrap intervals); writes
+    `folder/` as `umbrella-evaluate` does (predictions.jsonl, metrics.json, report.md, a confusion matrix per type).
+
+    Returns:
+        `(accuracy, evaluation)`: `{question: {"accuracy", "ci95", "balanced_accuracy", "chance", "correct",
+        "total"}}`, and the whole of `metrics.json`.
+    """
     report = evaluate_generation(model, processor, eval_dataset, batch_size=16)
-    per_question: dict[str, dict[str, int]] = {q: {"correct": 0, "total": 0} for q in QUESTIONS}
-    for result in report["results"]:
-        question = eval_dataset.records[result["index"]].metadata["question"]
-        per_question[question]["total"] += 1
-        per_question[question]["correct"] += int(result["correct"])
-    return {
-        question: {
-            "accuracy": counts["correct"] / counts["total"] if counts["total"] else None,
-            "chance": CHANCE[question],
-            **counts,
+    records = eval_dataset.records
+    predictions = [
+        {
+            **{key: value for key, value in row.items() if key != "index"},
+            "task": records[row["index"]].metadata["question"],
         }
-        for question, counts in per_question.items()
-    }
+        for row in report["results"]
+    ]
+    evaluation = evaluation_provenance("the demo's model", eval_dataset.path, {"do_sample": False}, 1000, seed)
+    evaluation |= compute_metrics(predictions, n_resamples=1000, seed=seed)
+    write_evaluation(folder, predictions, evaluation)
+    accuracy = {}
+    for question in QUESTIONS:
+        scores = evaluation["tasks"].get(question)
+        accuracy[question] = {
+            "accuracy": scores["accuracy"]["value"] if scores else None,
+            "ci95": scores["accuracy"]["ci95"] if scores else None,
+            "balanced_accuracy": scores["balanced_accuracy"]["value"] if scores else None,
+            "chance": CHANCE[question],
+            "correct": sum(row["correct"] for row in predictions if row["task"] == question),
+            "total": scores["n"] if scores else 0,
+        }
+    return accuracy, evaluation
 
 
 def save_model(model, processor, folder: Path) -> None:
@@ -304,6 +326,10 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     require_nilearn()
+    try:
+        require_eval_extra()  # the held-out evaluation's metrics
+    except ImportError as error:
+        sys.exit(str(error))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_seed(args.seed)
     started = time.time()
@@ -325,11 +351,15 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = train(args, model, processor, train_dataset, output_dir)
 
     logger.info("3/5 Held-out accuracy per question type")
-    accuracy = accuracy_by_question(trainer.model, processor, eval_dataset)
+    accuracy, evaluation = evaluate_by_question(
+        trainer.model, processor, eval_dataset, output_dir / "evaluation", args.seed
+    )
     for question, row in accuracy.items():
+        low, high = row["ci95"] or (float("nan"), float("nan"))
         logger.info(
-            "   %-8s accuracy %.2f (chance %.2f, %d records)", question, row["accuracy"], row["chance"], row["total"]
-        )
+            "   %-8s accuracy %.2f [95 %% interval %.2f, %.2f] (chance %.2f, %d records)",
+            question, row["accuracy"], low, high, row["chance"], row["total"],
+        )  # fmt: skip
 
     logger.info("4/5 Saving %s and reloading it in a fresh process with trust_remote_code", output_dir / "model")
     save_model(trainer.model, processor, output_dir / "model")
@@ -347,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
         "accuracy": accuracy,
+        "evaluation": evaluation,
         "train": {
             "steps": args.max_steps,
             "batch_size": args.batch_size,

@@ -23,10 +23,12 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
+from transformers.dynamic_module_utils import get_relative_imports
 
 from .checkpoints import damaged_weight_files
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
 from .image_processing_umbrella_llava import DEFAULT_NORMALIZATION
+from .report import METRICS_FILE, metrics_table
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ REMOTE_CODE_FILES = (
     "modeling_umbrella_llava.py",
     "processing_umbrella_llava.py",
     "image_processing_umbrella_llava.py",
+    "dicom_series.py",  # imported by image_processing_umbrella_llava.py for DICOM series folders
 )
 # Files of a checkpoint folder that belong to the shared model; anything else (Trainer state, logs) stays local.
 UPLOAD_PATTERNS = (
@@ -60,6 +63,7 @@ UPLOAD_PATTERNS = (
     "modeling_*.py",
     "processing_*.py",
     "image_processing_*.py",
+    "dicom_series.py",
     "pipeline_*.py",
     "processor_config.json",
     "preprocessor_config.json",
@@ -72,6 +76,7 @@ UPLOAD_PATTERNS = (
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
+    "metrics.json",  # the evaluation the card's table shows (umbrella-train --generation_metrics, umbrella-evaluate)
 )
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -94,6 +99,17 @@ def _weight_files(checkpoint: Path) -> tuple[list[str], list[str]]:
     if (checkpoint / "model.safetensors").is_file():
         return ["model.safetensors"], []
     return [], ["model.safetensors (or model.safetensors.index.json with its shards)"]
+
+
+def _missing_code_files(checkpoint: Path) -> list[str]:
+    """The files of REMOTE_CODE_FILES that `checkpoint` lacks and needs: all of them but `dicom_series.py`, which only
+    an image processor saved since DICOM support imports (checkpoints saved before it load without it)."""
+    missing = [name for name in REMOTE_CODE_FILES if not (checkpoint / name).is_file()]
+    image_processing = checkpoint / "image_processing_umbrella_llava.py"
+    if "dicom_series.py" in missing and image_processing.is_file():
+        if "dicom_series" not in get_relative_imports(image_processing):
+            missing.remove("dicom_series.py")
+    return missing
 
 
 def validate_checkpoint(checkpoint: str | os.PathLike) -> UmbrellaLlavaConfig:
@@ -141,7 +157,7 @@ def validate_checkpoint(checkpoint: str | os.PathLike) -> UmbrellaLlavaConfig:
     problems += missing_weights
     # Before anything is sent: a weights file that exists but was cut short (a killed save) must not be uploaded.
     problems += [f"{name} {reason}" for name, reason in damaged_weight_files(checkpoint, read_tensors=True).items()]
-    problems += [name for name in REMOTE_CODE_FILES if not (checkpoint / name).is_file()]
+    problems += _missing_code_files(checkpoint)
 
     if not (checkpoint / "processor_config.json").is_file():
         problems.append("processor_config.json (save the UmbrellaLlavaProcessor with save_pretrained)")
@@ -228,6 +244,30 @@ def resolve_base_model(config: UmbrellaLlavaConfig, base_model: str | None = Non
     return recorded
 
 
+def _evaluation_section(path: Path) -> tuple[str, str] | None:
+    """`(where the numbers come from, the tables)` of a checkpoint's `metrics.json` for the card, or `None` without
+    one (or with one that is not an evaluation's, with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        table = metrics_table(metrics)
+    except (ValueError, KeyError, TypeError) as error:
+        logger.warning("%s is not an evaluation's metrics.json (%r); the card shows no evaluation.", path, error)
+        return None
+    data = metrics.get("data") or {}
+    source = f"{metrics['overall']['n']} held-out questions"
+    if data:
+        source += f" from `{Path(data['path']).name}` (SHA-256 `{data['sha256'][:16]}…`)"
+    if metrics.get("generation"):
+        source += f", generation settings `{json.dumps(metrics['generation'])}`"
+    if "global_step" in metrics:
+        source += f", measured after training step {metrics['global_step']}"
+    if "package_version" in metrics:
+        source += f", umbrella_llava {metrics['package_version']}"
+    return source, table
+
+
 def _triple(values) -> str:
     return " × ".join(str(v) for v in values)
 
@@ -243,7 +283,8 @@ def render_model_card(
 
     The YAML metadata holds `library_name: transformers`, `pipeline_tag: image-text-to-text`, `CARD_TAGS`,
     `license` and `base_model` (see `resolve_base_model`); the body is filled from the checkpoint's config and
-    volume-processor config. Every placeholder must be filled: an unknown one is an error, not an empty string.
+    volume-processor config, and its evaluation table from the checkpoint's `metrics.json` when there is one
+    (`report.metrics_table`). Every placeholder must be filled: an unknown one is an error, not an empty string.
 
     Args:
         repo_id: the id the usage snippet loads; the checkpoint's path when `None`.
@@ -266,6 +307,7 @@ def render_model_card(
     volume_processor: dict[str, Any] = {}
     if processor_path.is_file():
         volume_processor = json.loads(processor_path.read_text()).get("image_processor", {})
+    evaluation = _evaluation_section(checkpoint / METRICS_FILE)
 
     card_data = ModelCardData(
         library_name="transformers",
@@ -301,6 +343,8 @@ def render_model_card(
         "clip_percentiles": "–".join(map(str, volume_processor["clip_percentiles"]))
         if volume_processor.get("clip_percentiles")
         else None,
+        "evaluation_source": evaluation[0] if evaluation else None,
+        "evaluation_table": evaluation[1] if evaluation else None,
     }
     environment = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     try:
@@ -328,8 +372,10 @@ def build_upload_operations(
     base_model: str | None = None,
     license: str = DEFAULT_LICENSE,
     template: str | os.PathLike = DEFAULT_TEMPLATE,
+    app_requirement: str | None = None,
 ) -> list[CommitOperationAdd]:
-    """Check `checkpoint` and list everything one commit uploads: its shared files and the rendered `README.md`.
+    """Check `checkpoint` and list everything one commit uploads: its shared files and the rendered `README.md`, and
+    with `app_requirement` the web page over the model, `app.py` and `requirements.txt` (see `app.space_files`).
 
     Raises:
         CheckpointError: see `validate_checkpoint`.
@@ -342,6 +388,13 @@ def build_upload_operations(
         for name in select_upload_files(checkpoint)
     ]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    if app_requirement is not None:
+        from .app import space_files
+
+        operations += [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
+            for name, content in space_files(repo_id, app_requirement).items()
+        ]
     return operations
 
 
@@ -366,6 +419,7 @@ def push_checkpoint_to_hub(
     template: str | os.PathLike = DEFAULT_TEMPLATE,
     dry_run_dir: str | os.PathLike | None = None,
     token: str | None = None,
+    app_requirement: str | None = None,
 ) -> Any:
     """Upload `checkpoint` with its model card to `repo_id` in one commit, or write it to `dry_run_dir` instead.
 
@@ -377,6 +431,7 @@ def push_checkpoint_to_hub(
         base_model, license, template: see `render_model_card`.
         dry_run_dir: if set, write the files that would be uploaded there and contact nothing.
         token: Hub token; the cached login (`hf auth login`) or `HF_TOKEN` when `None`.
+        app_requirement: if set, add the web page (`app.py`, and `requirements.txt` holding this requirement).
 
     Returns:
         The `CommitInfo` of the upload, or the dry-run folder.
@@ -390,7 +445,7 @@ def push_checkpoint_to_hub(
     except HFValidationError as error:
         raise ValueError(f"--repo_id {repo_id!r} is not a valid Hub id (user/name): {error}") from error
     operations = build_upload_operations(
-        checkpoint, repo_id, base_model=base_model, license=license, template=template
+        checkpoint, repo_id, base_model=base_model, license=license, template=template, app_requirement=app_requirement
     )
     if dry_run_dir is not None:
         return write_upload_folder(operations, dry_run_dir)

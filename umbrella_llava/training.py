@@ -47,8 +47,9 @@ from .checkpoints import damaged_weight_files, incomplete_checkpoint_reasons, re
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
 from .data import ConversationDataset, UmbrellaCollator
 from .distributed import check_distributed_launch, check_process_group
-from .evaluation import GenerationAccuracyCallback, generation_prompt
+from .evaluation import GenerationAccuracyCallback, generation_questions
 from .hub import render_model_card
+from .metrics import require_eval_extra
 from .processing_umbrella_llava import UmbrellaLlavaProcessor
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,17 @@ class DataArguments:
     generation_max_new_tokens: int | None = field(
         default=None,
         metadata={"help": "Longest generated answer; default: the longest reference answer in tokens + 16."},
+    )
+    generation_metrics: bool = field(
+        default=False,
+        metadata={
+            "help": "Log umbrella-evaluate's per-task metrics with 95 %% intervals (accuracy, balanced accuracy, macro "
+            "F1; MAE, RMSE, r; ROUGE-L) at every generation evaluation and each of the Trainer's evaluations, and "
+            "write output_dir/metrics.json after training (shown on the model card). Needs the eval extra."
+        },
+    )
+    generation_bootstrap: int = field(
+        default=1000, metadata={"help": "Bootstrap resamples per task of --generation_metrics (0: no intervals)."}
     )
 
 
@@ -458,6 +470,10 @@ def build_trainer(
     if not training_args.label_names:
         training_args.label_names = ["labels"]  # the Trainer cannot read them off a PeftModel's signature
 
+    if data_args.generation_metrics:
+        if data_args.eval_data is None:
+            raise ValueError("--generation_metrics measures generation on --eval_data; pass --eval_data too.")
+        require_eval_extra()  # now, not after training
     set_seed(training_args.seed)  # LoRA's random init must be the same in a run and in its resumption
     model, processor = load_model_and_processor(model_args)
     train_dataset = load_dataset(data_args.train_data, processor, data_args, "--train_data")
@@ -465,7 +481,7 @@ def build_trainer(
     if data_args.eval_data is not None:
         eval_dataset = load_dataset(data_args.eval_data, processor, data_args, "--eval_data")
         for record in eval_dataset.records:  # refuse an unusable eval record now, not after hours of training
-            generation_prompt(record, processor.image_token)
+            generation_questions(record, processor.image_token)
     model = configure_trainable_parameters(model, model_args)
     if is_deepspeed_zero3_enabled():
         match_zero3_dtype(model)
@@ -499,7 +515,12 @@ def build_trainer(
     generation_callback = None
     if eval_dataset is not None:
         generation_callback = GenerationAccuracyCallback(
-            trainer, eval_dataset, data_args.generation_eval_steps, data_args.generation_max_new_tokens
+            trainer,
+            eval_dataset,
+            data_args.generation_eval_steps,
+            data_args.generation_max_new_tokens,
+            full_metrics=data_args.generation_metrics,
+            n_resamples=data_args.generation_bootstrap,
         )
         trainer.add_callback(generation_callback)
     return trainer, generation_callback
@@ -600,7 +621,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     trainer.save_state()
     if generation_callback is not None:
         try:
-            metrics = generation_callback.evaluate()
+            metrics = generation_callback.evaluate(final=True)
         except Exception as error:
             logger.exception("The generation evaluation after training failed.")
             raise GenerationEvaluationError(
@@ -609,6 +630,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
             ) from error
         _log_main(training_args, f"generation accuracy: {json.dumps(metrics)}")
         trainer.save_state()  # again, so that trainer_state.json holds the evaluation's metrics too
+        card_dir = training_args.output_dir
+        if data_args.generation_metrics and training_args.should_save and os.path.isfile(f"{card_dir}/config.json"):
+            render_model_card(card_dir).save(os.path.join(card_dir, "README.md"))  # now with metrics.json's table
     return trainer
 
 
