@@ -418,6 +418,31 @@ def test_the_stock_trainer_trains_on_the_records_read_against_the_bids_root(
     assert torch.isfinite(torch.tensor(result.training_loss))
 
 
+def test_umbrella_evaluate_reads_the_built_test_split(bids_dataset, built, tiny_processor, tokenizer, tmp_path):
+    """Issue 18's harness on records this command built: one question per assistant turn, metrics per task kind."""
+    from umbrella_llava import UmbrellaLlavaForConditionalGeneration
+    from umbrella_llava.cli import evaluate_main
+    from umbrella_llava.report import read_predictions
+
+    output_dir, splits = built
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model"
+    UmbrellaLlavaForConditionalGeneration(tiny_config(tokenizer)).save_pretrained(checkpoint)
+    tiny_processor.save_pretrained(checkpoint)
+    data = output_dir / "train.jsonl"  # the largest split: every task kind is in it
+    out = tmp_path / "eval"
+    args = ["--model", str(checkpoint), "--data", str(data), "--image_root", str(bids_dataset)]
+    evaluate_main([*args, "--output_dir", str(out), "--max_new_tokens", "2", "--bootstrap", "20"])
+
+    predictions = read_predictions(out / "predictions.jsonl")
+    turns = sum(len(_texts(record, "assistant")) for record in splits["train"])
+    assert len(predictions) == turns
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {record["task_type"] for record in splits["train"]}
+    assert metrics["tasks"]["age"]["kind"] == "numeric" and metrics["tasks"]["sex"]["kind"] == "categorical"
+    assert (out / "report.md").is_file()
+
+
 @pytest.mark.slow
 def test_the_script_of_a_clone_writes_the_same_records(bids_dataset, questions_file, built, tmp_path):
     import subprocess

@@ -48,6 +48,9 @@ def test_task_kind_reads_the_references():
     sentences = [f"There is a lesion number {i} in the left frontal lobe." for i in range(3)]
     assert task_kind(sentences)[0] == "free_text"
     assert task_kind([f"answer{i}" for i in range(30)])[0] == "free_text"  # more classes than MAX_CLASSES
+    assert task_kind(["25 years", "31 years.", "47  Years"]) == ("numeric", False)  # one shared unit
+    assert task_kind(["25 years", "31 months"]) == ("categorical", True)  # two units are not one scale
+    assert task_kind(["T1", "T2", "T1"]) == ("categorical", False)  # a name with a digit is not a number
 
 
 # ---------------------------------------------------------------------------------------------------------------------

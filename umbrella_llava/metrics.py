@@ -3,7 +3,9 @@ interval over the questions.
 
 A task is one of three kinds, read off its reference answers ([`task_kind`]):
 
-- **numeric**: every reference is a number (`"42"`, `"-1.5"`, `"3e2."`). Scored on the first number of each
+- **numeric**: every reference is a number (`"42"`, `"-1.5"`, `"3e2."`), or every one is a number followed by the
+  same unit (`"42 years"`, `"31 years"`: what `umbrella-build-records` writes with `answer: "{age:.0f} years"`;
+  "T1" and "T2" are not numbers, they do not start with one). Scored on the first number of each
   prediction ([`parse_number`]): `mean_absolute_error`, `root_mean_squared_error` (scikit-learn) and
   `scipy.stats.pearsonr`; predictions without a number are left out of them and counted (`unparsed`).
 - **categorical**: the references take at most `MAX_CLASSES` distinct answers of at most `MAX_CLASS_WORDS` words each,
@@ -91,16 +93,27 @@ def is_number(text: str) -> bool:
     return NUMBER.fullmatch(stripped) is not None
 
 
+NUMBER_WITH_UNIT = re.compile(rf"({NUMBER.pattern})\s*([^\d]*)")
+
+
+def number_unit(text: str) -> str | None:
+    """The unit after a reference that is one number and a unit (`"42 years"` gives `"years"`, `"42"` gives `""`),
+    normalised as answers are; `None` when `text` does not start with a number or holds a second one."""
+    stripped = unicodedata.normalize("NFKC", text).strip().rstrip(TRAILING_PUNCTUATION).strip()
+    match = NUMBER_WITH_UNIT.fullmatch(stripped)
+    return None if match is None else normalize_answer(match[2])
+
+
 def task_kind(references: Sequence[str]) -> tuple[str, bool]:
     """`(kind, mixed)`: which of `KINDS` a task with these reference answers is (see the module docstring), and whether
     its references mix numbers and words (such a task is categorical).
 
     An empty task is categorical.
     """
-    numbers = [is_number(reference) for reference in references]
-    if numbers and all(numbers):
+    units = [number_unit(reference) for reference in references]
+    if units and None not in units and len(set(units)) == 1:
         return "numeric", False
-    if any(numbers):
+    if any(unit is not None for unit in units):
         return "categorical", True
     classes = {normalize_answer(reference) for reference in references}
     if len(classes) <= MAX_CLASSES and all(len(answer.split()) <= MAX_CLASS_WORDS for answer in classes):
