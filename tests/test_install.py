@@ -1,4 +1,4 @@
-"""A real install: the wheel carries what the package reads at run time and installs the five commands, which run
+"""A real install: the wheel carries what the package reads at run time and installs every command, which runs
 from a folder outside the checkout."""
 
 import os
@@ -21,6 +21,10 @@ COMMANDS = (
     "umbrella-demo",
     "umbrella-preview",
     "umbrella-evaluate",
+    "umbrella-check-data",
+    "umbrella-build-records",
+    "umbrella-explain",
+    "umbrella-app",
 )
 BUILD_LEFTOVERS = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "outputs", ".*_cache")
 
