@@ -37,10 +37,9 @@ from matplotlib.figure import Figure
 
 from .chat import VolumeConversation
 from .explain import answer_log_likelihood, gradient_relevance
-from .explain_command import _shorten
-from .preview import PLANES, _label_edges, frames_argument
+from .preview import PLANES, frames_argument, label_edges
 from .processing_umbrella_llava import UmbrellaLlavaProcessor
-from .relevance_figure import planes_through, render_relevance
+from .relevance_figure import planes_through, quoted_for_title, render_relevance
 
 DEFAULT_MAX_UPLOAD_MB = 512
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
@@ -261,7 +260,7 @@ def render_planes(volume: torch.Tensor, position: float = 50.0, title: str | Non
         ax.set_title(f"{name}, slice {point[axis]} of {scan.shape[axis]}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        _label_edges(ax, directions)
+        label_edges(ax, directions)
     subtitle = f"planes through voxel {point} of {tuple(scan.shape)} (RAS+, the model's grid)"
     figure.suptitle(f"{title}\n{subtitle}" if title else subtitle, fontsize=10)
     return figure
@@ -278,8 +277,8 @@ def relevance_image(session: ScanSession, index: int = 0) -> np.ndarray:
     if session.relevance is None:
         raise UploadError("No relevance map yet: ask with 'Show where' ticked.")
     messages = session.conversation.messages
-    title = f"{session.names[index]}: {_shorten(messages[-2]['content'][-1]['text'])} → "
-    title += _shorten(messages[-1]["content"][0]["text"])
+    title = f"{session.names[index]}: {quoted_for_title(messages[-2]['content'][-1]['text'])} → "
+    title += quoted_for_title(messages[-1]["content"][0]["text"])
     volume = session.conversation.pixel_values[0, index]
     return figure_pixels(render_relevance(volume, session.relevance[index], title=title))
 

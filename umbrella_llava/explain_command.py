@@ -17,15 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from .explain import METHODS, explain
-from .relevance_figure import save_relevance_figure
+from .relevance_figure import quoted_for_title, save_relevance_figure
 from .scan_space import to_scan_space
-
-
-def _shorten(text: str, width: int = 48) -> str:
-    """`text` quoted for a figure title, cut to `width` characters, with unprintable characters escaped."""
-    text = text.replace("\ufffd", "?")  # bytes a tokenizer could not decode
-    text = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-    return repr(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -85,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nifti = os.path.join(args.output_dir, f"relevance_{index}.nii.gz")
         to_scan_space(relevance, scan, processor.image_processor).to_filename(nifti)
         png = os.path.join(args.output_dir, f"relevance_{index}.png")
-        title = f"{os.path.basename(os.path.normpath(scan))}: {_shorten(args.question)} → {_shorten(result.answer)}"
+        title = f"{os.path.basename(os.path.normpath(scan))}: {quoted_for_title(args.question)} → {quoted_for_title(result.answer)}"
         title += f" ({result.method.replace('_', ' ')})"
         save_relevance_figure(result.pixel_values[0, index], relevance, png, title=title)
         written += [nifti, png]

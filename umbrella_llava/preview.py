@@ -40,7 +40,8 @@ def mid_planes(volume: torch.Tensor) -> list[torch.Tensor]:
     return [volume.select(axis, volume.shape[axis] // 2).T for _, axis, _ in PLANES]
 
 
-def _label_edges(ax, directions: Sequence[str]) -> None:
+def label_edges(ax, directions: Sequence[str]) -> None:
+    """Write the patient's directions `(left, right, bottom, top)` at the edges of a panel `ax` (see `PLANES`)."""
     left, right, bottom, top = directions
     style = {"color": "yellow", "fontsize": 11, "fontweight": "bold", "transform": ax.transAxes}
     ax.text(0.02, 0.5, left, ha="left", va="center", **style)
@@ -66,7 +67,7 @@ def render_preview(volume: torch.Tensor, title: str | None = None) -> Figure:
             ax.set_title(f"{name} (voxels {tuple(plane.shape[::-1])})", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-            _label_edges(ax, directions)
+            label_edges(ax, directions)
         figure.colorbar(image, ax=list(row), shrink=0.8, label="intensity")
     subtitle = f"shape {tuple(volume.shape)}, range [{float(volume.min()):.3g}, {float(volume.max()):.3g}]"
     figure.suptitle(f"{title}\n{subtitle}" if title else subtitle, fontsize=10)
@@ -190,7 +191,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["save_preview", "render_preview", "mid_planes", "frames_argument", "frames_label", "main"]
+__all__ = [
+    "PLANES",
+    "label_edges",
+    "save_preview",
+    "render_preview",
+    "mid_planes",
+    "frames_argument",
+    "frames_label",
+    "main",
+]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -7,7 +7,14 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .preview import PLANES, _label_edges
+from .preview import PLANES, label_edges
+
+
+def quoted_for_title(text: str, width: int = 48) -> str:
+    """`text` quoted for a figure title, cut to `width` characters, with unprintable characters escaped."""
+    text = text.replace("\ufffd", "?")  # bytes a tokenizer could not decode
+    text = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def planes_through(volume: torch.Tensor, point: tuple[int, int, int]) -> list[torch.Tensor]:
@@ -42,7 +49,7 @@ def render_relevance(volume: torch.Tensor, relevance: torch.Tensor, title: str |
         ax.set_title(f"{name}, slice {peak[axis]} of {scan.shape[axis]}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        _label_edges(ax, directions)
+        label_edges(ax, directions)
     figure.colorbar(heat, ax=list(axes), shrink=0.8, label="relevance")
     subtitle = f"planes through the maximum, voxel {peak} of {tuple(scan.shape)} (RAS+, the model's grid)"
     figure.suptitle(f"{title}\n{subtitle}" if title else subtitle, fontsize=10)
@@ -57,4 +64,4 @@ def save_relevance_figure(
     return os.fspath(png_path)
 
 
-__all__ = ["planes_through", "render_relevance", "save_relevance_figure"]
+__all__ = ["planes_through", "quoted_for_title", "render_relevance", "save_relevance_figure"]
