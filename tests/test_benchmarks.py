@@ -171,6 +171,68 @@ def test_lesion_diagnostics_find_the_lesion_on_the_answers_side():
     assert report["lesion core mean z"] < report["healthy mean z at the lesion core"]["min"]
 
 
+@pytest.mark.slow
+def test_lesion_diagnostics_stages_and_head_run(capsys):
+    """The other two checks of `benchmarks.lesion_diagnostics` run from their commands and report what BENCHMARKS.md
+    cites: the token contrast at every stage, and train / held-out accuracy of a head."""
+    pytest.importorskip("nilearn")
+    from benchmarks.lesion_diagnostics import main
+
+    main(["stages", "--count", "2"])
+    stages = json.loads(capsys.readouterr().out)
+    assert set(stages) == {"task", "patches", "embedder", "tower", "projector"}
+    assert all(0 <= stages[stage]["AUC"] <= 1 for stage in ("patches", "projector"))
+    main(["head", "--count", "2", "--steps", "2", "--conv-embedding", "--readout", "hemisphere-max"])
+    (step,) = json.loads(capsys.readouterr().out)["history"]
+    assert step["step"] == 2 and set(step["held_out"]) == {"presence", "side"}
+
+
+def test_pointing_game_of_a_map_on_the_lesion_is_one_and_elsewhere_zero():
+    from benchmarks.relevance import ceiling_level, chance_level, pointing_game
+
+    lesion = torch.zeros(32, 32, 32, dtype=torch.bool)
+    lesion[4:12, 4:12, 4:12] = True  # 512 voxels, more than the top 1 % (328)
+    elsewhere = torch.zeros(32, 32, 32)
+    elsewhere[20:28, 20:28, 20:28] = 1.0
+    assert pointing_game(lesion.float(), lesion) == 1.0
+    assert pointing_game(elsewhere, lesion) == 0.0
+    # A graded map peaking in the lesion, and noise on top: still wholly inside.
+    graded = lesion.float() * torch.linspace(1, 2, 32)[None, None, :] + 0.01 * torch.rand(32, 32, 32)
+    assert pointing_game(graded, lesion) == 1.0
+    # Ties at the threshold count by the lesion's share among them: a constant map scores the lesion's share.
+    assert pointing_game(torch.ones(32, 32, 32), lesion) == pytest.approx(512 / 32**3)
+    brain = torch.zeros_like(lesion)
+    brain[:16] = True
+    assert chance_level(lesion, brain) == pytest.approx(512 / (16 * 32 * 32))
+    small = torch.zeros_like(lesion)
+    small[4:7, 4:7, 4:7] = True  # 27 voxels: at best 27 of the 328 top voxels
+    assert ceiling_level(lesion) == 1.0 and ceiling_level(small) == pytest.approx(27 / 328)
+    assert pointing_game(small.float(), small) == pytest.approx(27 / 328)
+
+
+def test_relevance_benchmark_reports_every_method(tmp_path):
+    """`benchmarks.relevance` at toy sizes (two training steps): the report has every method's pointing game,
+    chance, sanity-check cascade, time and memory, and a figure per method."""
+    pytest.importorskip("nilearn")
+    pytest.importorskip("captum")
+    from benchmarks.relevance import main
+    from umbrella_llava.explain import METHODS
+
+    report = main(["--quick", "--out", str(tmp_path / "relevance.json"), "--figures", str(tmp_path)])
+    assert json.loads((tmp_path / "relevance.json").read_text())["recommended"] == report["recommended"]
+    assert report["recommended"] in METHODS and report["training"][0]["last_step"] == 2
+    stages = None
+    for method in METHODS:
+        measured = report["methods"][method]
+        assert 0 <= measured["pointing_game"]["mean"] <= 1 and 0 < measured["chance"]["mean"] < 1
+        assert measured["seconds_per_map"] > 0 and measured["peak_mib_per_map"] >= 0
+        cascade = measured["randomisation_spearman"]
+        stages = stages or list(cascade)
+        assert list(cascade) == stages and stages[0].startswith("LM head") and stages[-1].startswith("embedder")
+        assert (tmp_path / f"relevance_{method}.png").stat().st_size > 0
+    assert set(report["small_lesion"]) >= {"top_1pc_in_lesion", "chance", "ceiling", "answered_correctly"}
+
+
 def test_conv_patch_embedding_gives_each_patch_its_own_token():
     """The hybrid-ViT diagnostic (`add_conv_patch_embedding`) keeps the package's token order: a bright cube inside
     one patch moves that patch's token, in `(h w d)` order over the patch grid, more than any other."""

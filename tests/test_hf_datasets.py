@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from packaging.version import Version
+from test_trl import records as trl_records
 from transformers import Trainer, TrainingArguments
 from transformers import __version__ as transformers_version
 
@@ -27,42 +28,13 @@ datasets = pytest.importorskip("datasets")
 
 
 def records() -> list[dict]:
-    """An UMBRELLA record with two volumes (T1 then GM) and two answers, a LLaVA one (WM), a text-only one."""
-    return [
-        {
-            "task_id": "t2-0001",
-            "task_type": "T2",
-            "images": [{"path": "t1.nii.gz", "modality": "T1"}, {"path": "gm.nii.gz", "modality": "GM"}],
-            "conversations": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image", "modality": "T1", "image_path": "t1.nii.gz"},
-                        {"type": "image", "modality": "GM", "image_path": "gm.nii.gz"},
-                        {"type": "text", "text": "Which is the grey-matter map?"},
-                    ],
-                },
-                {"role": "assistant", "content": [{"type": "text", "text": "the second"}]},
-                {"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
-            ],
-            "metadata": {"subject": "sub-01"},
-        },
-        {
-            "id": "llava-1",
-            "task_type": "T1",
-            "image": "wm.nii.gz",
-            "conversations": [
-                {"from": "human", "value": "<image>\nWhich map is this?"},
-                {"from": "gpt", "value": "white matter"},
-            ],
-        },
-        {
-            "id": "text-1",
-            "task_type": "text",
-            "conversations": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "hi"}],
-        },
-    ]
+    """test_trl's records (an UMBRELLA record with two volumes, T1 then GM, and two answers; a LLaVA one, WM; a
+    text-only one), each with a task type, and metadata on the first."""
+    raw = trl_records()
+    for record, task in zip(raw, ("T2", "T1", "text")):
+        record["task_type"] = task
+    raw[0]["metadata"] = {"subject": "sub-01"}
+    return raw
 
 
 @pytest.fixture
@@ -84,7 +56,7 @@ def test_a_nifti_column_gives_the_batches_of_the_jsonl_records(tiny_processor, t
     from_files = ConversationDataset(train_file, tiny_processor)
     table = records_to_dataset(train_file)
     assert isinstance(table.features["images"].feature, datasets.Nifti)
-    assert table["id"] == ["t2-0001", "llava-1", "text-1"]
+    assert table["id"] == ["t2-0001", "llava-1", "llava-2"]
     from_table = NiftiConversationDataset(table, tiny_processor)
 
     collator = UmbrellaCollator(tiny_processor)

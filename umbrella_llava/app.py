@@ -35,7 +35,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .chat import VolumeConversation
+from .chat import VolumeConversation, load_for_answering
 from .explain import answer_log_likelihood, gradient_relevance
 from .preview import PLANES, frames_argument, label_edges
 from .processing_umbrella_llava import UmbrellaLlavaProcessor
@@ -469,14 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         require_gradio()
     except ImportError as error:
         raise SystemExit(f"umbrella-app: {error}") from None
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
-    model = model.to(device).eval()
     options = {} if args.frames is None else {"frames": args.frames}
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True, **options)
+    model, processor = load_for_answering(args.model, args.dtype, args.device, **options)
     page = build_app(
         model,
         processor,

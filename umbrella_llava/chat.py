@@ -109,6 +109,21 @@ class VolumeConversation:
         return answer
 
 
+def load_for_answering(
+    model_id: str, dtype: str = "float32", device: str | None = None, **processor_options
+) -> tuple[Any, UmbrellaLlavaProcessor]:
+    """A saved model (a folder or a Hub id) and its processor, through the Auto classes with `trust_remote_code=True`,
+    in eval mode on `device` (CUDA when there is one, by default) in `dtype` (`"float32"`, `"bfloat16"`, ...,
+    `"auto"`); `processor_options` (e.g. `frames="mean"`) override the saved processor's."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=torch_dtype)
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True, **processor_options)
+    return model.to(device).eval(), processor
+
+
 def _takes_cache_keyword() -> bool:
     """Whether generate() names the cache `cache` (transformers 5.2x) rather than `past_key_values` (5.17)."""
     import inspect
@@ -125,4 +140,4 @@ def answer_question(
     return VolumeConversation(model, processor, volumes, max_new_tokens=max_new_tokens).ask(question)
 
 
-__all__ = ["VolumeConversation", "answer_question", "user_turn"]
+__all__ = ["VolumeConversation", "answer_question", "load_for_answering", "user_turn"]

@@ -14,8 +14,7 @@ import json
 import os
 from collections.abc import Sequence
 
-import torch
-
+from .chat import load_for_answering
 from .explain import METHODS, explain
 from .relevance_figure import quoted_for_title, save_relevance_figure
 from .scan_space import to_scan_space
@@ -50,14 +49,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
-    model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model, processor = load_for_answering(args.model, args.dtype, args.device)
 
     result = explain(
         model,

@@ -3,6 +3,8 @@ duplicates found, and (optionally) every volume decoded once. Shared by `Convers
 and `umbrella-train --check_data`."""
 
 import json
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,20 @@ class RecordScan:
         listed = "".join(f"\n  - {error}" for _, error in self.problems[:limit])
         more = f"\n  ... and {len(self.problems) - limit} more" if len(self.problems) > limit else ""
         return f"{len(self.problems)} invalid records in {path}:{listed}{more}"
+
+
+def warn_skipped(skipped: list[tuple[str, str, str]], num_read: int, what: str, stacklevel: int = 3) -> None:
+    """One warning counting the skipped `(where, kind, message)` entries by kind, with the first message: `what` says
+    what was read (`"records in train.jsonl"`, `"rows of the dataset"`)."""
+    if not skipped:
+        return
+    counts = Counter(kind for _, kind, _ in skipped)
+    reasons = ", ".join(f"{kind}: {count}" for kind, count in sorted(counts.items()))
+    warnings.warn(
+        f"Skipped {len(skipped)} of {num_read} {what} ({reasons}). First: {skipped[0][2]} See `dataset.skipped` for "
+        "all.",
+        stacklevel=stacklevel,
+    )
 
 
 def problem_kind(error: Exception) -> str:

@@ -1,7 +1,6 @@
 """`ConversationDataset`: records from files as model inputs, tokens made once, volumes decoded when read."""
 
 import warnings
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Literal
@@ -12,7 +11,7 @@ from torch.utils.data import Dataset
 from ..image_processing_umbrella_llava import InvalidVolumeError
 from ..processing_umbrella_llava import UmbrellaLlavaProcessor
 from ..volume_cache import VolumeCache
-from .checks import problem_kind, scan_records
+from .checks import problem_kind, scan_records, warn_skipped
 from .collator import empty_volume_stack
 from .records import ConversationRecord, InvalidRecordError, volume_error
 
@@ -107,14 +106,7 @@ class ConversationDataset(Dataset):
                 "`dataset.duplicates` for all.",
                 stacklevel=2,
             )
-        if self.skipped:
-            counts = Counter(kind for _, kind, _ in self.skipped)
-            reasons = ", ".join(f"{kind}: {count}" for kind, count in sorted(counts.items()))
-            warnings.warn(
-                f"Skipped {len(self.skipped)} of {num_read} records in {self.path} ({reasons}). First: "
-                f"{self.skipped[0][2]} See `dataset.skipped` for all.",
-                stacklevel=2,
-            )
+        warn_skipped(self.skipped, num_read, f"records in {self.path}")
         if not self.records:
             raise ValueError(f"No valid record in {self.path} ({num_read} read).")
 

@@ -24,8 +24,6 @@ Needs the `datasets` extra: `pip install 'umbrella_llava[datasets]'`.
 
 import json
 import logging
-import warnings
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,7 +33,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from ..image_processing_umbrella_llava import InvalidVolumeError, describe_source
 from ..processing_umbrella_llava import UmbrellaLlavaProcessor
-from .checks import text_special_tokens
+from .checks import text_special_tokens, warn_skipped
 from .collator import empty_volume_stack
 from .dataset import ConversationItem
 from .labels import encode_record
@@ -282,14 +280,7 @@ class NiftiConversationDataset(Dataset):
             self.encodings.append(encoding)
             self.rows.append(index)
         self.lengths: list[int] = [len(input_ids) for input_ids, _ in self.encodings]
-        if self.skipped:
-            counts = Counter(kind for _, kind, _ in self.skipped)
-            reasons = ", ".join(f"{kind}: {count}" for kind, count in sorted(counts.items()))
-            warnings.warn(
-                f"Skipped {len(self.skipped)} of {len(dataset)} rows of {self.name} ({reasons}). First: "
-                f"{self.skipped[0][2]} See `dataset.skipped` for all.",
-                stacklevel=2,
-            )
+        warn_skipped(self.skipped, len(dataset), f"rows of {self.name}")
         if not self.records:
             raise ValueError(f"No valid row in {self.name} ({len(dataset)} read).")
 
