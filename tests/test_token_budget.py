@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_without_package, tiny_config
 from test_conversion import save_stock_llava
-from test_modeling import _generate, make_batch, volume_prompt, volume_sensitive_model  # noqa: F401 (fixture)
+from test_modeling import _generate, make_batch, volume_prompt
 
 from umbrella_llava import (
     UmbrellaLlavaConfig,
