@@ -125,8 +125,11 @@ class HeldOutAccuracy(TrainerCallback):
         return next((step for step, acc in self.history if min(acc.values()) >= TARGET_ACCURACY), None)
 
 
-def train_once(variant: Variant, data: tuple[Path, Path], seed: int, workdir: Path) -> dict:
-    """Train `variant` from scratch with `seed`; returns steps to the target and the last held-out accuracy."""
+def train_model(
+    variant: Variant, data: tuple[Path, Path], seed: int, workdir: Path
+) -> tuple[UmbrellaLlavaForConditionalGeneration, UmbrellaLlavaProcessor, HeldOutAccuracy, float]:
+    """Train `variant` from scratch with `seed` on the records `data` (train, held-out); returns the trained model,
+    its processor, the held-out accuracy callback (its history) and the training time in seconds."""
     set_seed(seed)
     grid = (32 // variant.patch_size) ** 3
     processor = build_processor(32, grid, **variant.processor_kwargs)
@@ -166,6 +169,12 @@ def train_once(variant: Variant, data: tuple[Path, Path], seed: int, workdir: Pa
     )
     started = time.perf_counter()
     trainer.train()
+    return model.eval(), processor, callback, time.perf_counter() - started
+
+
+def train_once(variant: Variant, data: tuple[Path, Path], seed: int, workdir: Path) -> dict:
+    """Train `variant` from scratch with `seed`; returns steps to the target and the last held-out accuracy."""
+    model, _, callback, seconds = train_model(variant, data, seed, workdir)
     last_step, last_accuracy = callback.history[-1]
     # Parameters a variant added (a stem): their norm after training shows that the optimiser reached them.
     added = {
@@ -179,7 +188,7 @@ def train_once(variant: Variant, data: tuple[Path, Path], seed: int, workdir: Pa
         "accuracy": last_accuracy,
         "history": callback.history,
         "train_loss": callback.losses,
-        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "minutes": round(seconds / 60, 1),
         **({"added_weight_norms": added} if added else {}),
     }
 
@@ -335,7 +344,7 @@ def add_patch_max_detector(model, channels: int = 8) -> None:
 
 def conv_features(in_channels: int = 1, channels: int = 16) -> nn.Sequential:
     """Translation-invariant 3³ detectors at half the volume's size: conv, GELU, conv, GELU, 2× max-pool, conv, GELU
-    (the feature stack of `benchmarks.lesion_head.SmallCNN`, which learns the local task)."""
+    (the feature stack of `benchmarks.lesion_diagnostics.SmallCNN`, which learns the local task)."""
     return nn.Sequential(
         nn.Conv3d(in_channels, channels, 3, padding=1), nn.GELU(),
         nn.Conv3d(channels, channels, 3, padding=1), nn.GELU(),
@@ -385,7 +394,7 @@ def add_conv_patch_embedding(model) -> None:
 
 def max_merge(model) -> None:
     """Merge each `volume_merge_size` block of tower tokens by its maximum instead of the package's average (a
-    diagnostic). The merger runs before the projector, so this is not `benchmarks.lesion_head --readout
+    diagnostic). The merger runs before the projector, so this is not `benchmarks.lesion_diagnostics head --readout
     hemisphere-max`, which takes the maximum of the projector's output."""
     merger = model.model.multi_modal_projector.volume_merger
     average = merger.block_average  # the package's layout of the blocks, reduced by maximum instead
@@ -455,9 +464,9 @@ VARIANTS = [
 # leaves the guessing level only to memorise. Last, the small CNN's features max-pooled per patch in place of the
 # patch Linear (`add_conv_patch_embedding`), alone and with each volume's tower tokens merged to two hemisphere maxima
 # before the projector (`max_merge`): with maxima after the projector the embedding generalises without the LM
-# (`benchmarks.lesion_head --conv-embedding --readout hemisphere-max`), but with the LM the answers stay constant;
-# the same embedding on the global task is the control that the path trains. The LM-free checks of why are `benchmarks.lesion_diagnostics`, `benchmarks.lesion_stages` and
-# `benchmarks.lesion_head`.
+# (`benchmarks.lesion_diagnostics head --conv-embedding --readout hemisphere-max`), but with the LM the answers stay constant;
+# the same embedding on the global task is the control that the path trains. The LM-free checks of why are
+# `benchmarks.lesion_diagnostics` (data, stages, head); where the trained model looks is `benchmarks.relevance`.
 LOCAL_DIAGNOSTICS = [
     Variant("lesion 6-8 cm", "defaults; lesions of 6-8 cm", **{**LOCAL, "task": "local-large"}),
     Variant("lesion, 64 volumes per kind", "defaults; 480 records", **{**LOCAL, "volumes_per_kind": 64, "train_records": 480}),

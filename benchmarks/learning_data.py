@@ -13,6 +13,8 @@ Two task families, each with two question kinds:
 Augmentation, for every volume: an intensity scale of 0.6-1.4, Gaussian noise (4 % of the 99.5th percentile) and a
 random shift of up to ±5 voxels along each axis.
 
+"lesion-side" asks the side question only, one volume per record (the relevance benchmark's task).
+
 Diagnostic tasks of the local questions: "local-large" (lesions of 6-8 cm) and "local-noshift" (no random shift, so
 the anatomy is always aligned and the lesion is the only difference between volumes but noise and intensity scale).
 """
@@ -38,10 +40,13 @@ TASKS = {
     "local": ("lesion_side", "which_lesion"),
     "local-large": ("lesion_side", "which_lesion"),  # a diagnostic: the same questions, lesions 2.5x larger
     "local-noshift": ("lesion_side", "which_lesion"),  # a diagnostic: the same questions, volumes never shifted
+    "lesion-side": ("lesion_side",),  # one volume, one question: the relevance benchmark's task
 }
 CHANCE = {"map": 1 / 3, "which_gm": 1 / 2, "lesion_side": 1 / 2, "which_lesion": 1 / 2}
 MAX_SHIFT_VOXELS = 5
-LESION_DIAMETER_MM = {"local": (24.0, 32.0), "local-large": (60.0, 80.0), "local-noshift": (24.0, 32.0)}
+LESION_DIAMETER_MM = {
+    "local": (24.0, 32.0), "local-large": (60.0, 80.0), "local-noshift": (24.0, 32.0), "lesion-side": (24.0, 32.0)
+}  # fmt: skip
 # The largest random shift per task (voxels of the 2 mm template, each axis); 0 isolates the anatomy's misalignment.
 MAX_SHIFT = {"local-noshift": 0}
 # A lesion lies wholly inside the brain of its hemisphere up to this radius; a larger one is cut to the brain.
@@ -113,26 +118,56 @@ def _write(data: np.ndarray, affine: np.ndarray, path: Path, store_las: bool) ->
     nib.Nifti1Image(data, affine).to_filename(path)
 
 
+def brain_mask(templates: dict[str, nib.Nifti1Image]) -> np.ndarray:
+    """Where the template brain is: grey + white matter probability above 0.5, on the T1's grid."""
+    return np.asarray(templates["grey matter"].dataobj) + np.asarray(templates["white matter"].dataobj) > 0.5
+
+
+def lesion_volume(
+    templates: dict[str, nib.Nifti1Image],
+    side: str | None,
+    diameter_mm: tuple[float, float],
+    rng: np.random.Generator,
+    max_shift: int = MAX_SHIFT_VOXELS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One augmented T1 (RAS voxels of the template's grid) with a lesion in hemisphere `side` (none when `side` is
+    None), and where its lesion and its brain are, moved by the same shift: `(voxels, lesion mask, brain mask)`."""
+    t1 = templates["T1"]
+    brain = brain_mask(templates)
+    base = np.asarray(t1.dataobj, dtype=np.float32)
+    data = add_lesion(t1, brain, side, diameter_mm, rng) if side else base
+    lesion = data != base
+    data, shift = augment_and_shift(data, rng, max_shift)
+    return data, np.roll(lesion, shift, axis=(0, 1, 2)), np.roll(brain, shift, axis=(0, 1, 2))
+
+
 def local_task_volumes(
-    task: str, count: int, rng: np.random.Generator, templates: dict[str, nib.Nifti1Image] | None = None
+    task: str,
+    count: int,
+    rng: np.random.Generator,
+    templates: dict[str, nib.Nifti1Image] | None = None,
+    diameter_mm: tuple[float, float] | None = None,
 ) -> Iterator[tuple[str, str | None, int, np.ndarray]]:
     """`(kind, side, index, augmented RAS voxels)` of a local task: `count` volumes each of lesion left, lesion
-    right and healthy T1, in that order, drawn from `rng`."""
+    right and healthy T1, in that order, drawn from `rng`; lesions of `diameter_mm` (default: the task's)."""
     templates = templates or load_templates()
-    t1 = templates["T1"]
-    brain = np.asarray(templates["grey matter"].dataobj) + np.asarray(templates["white matter"].dataobj) > 0.5
     max_shift = MAX_SHIFT.get(task, MAX_SHIFT_VOXELS)
     for kind, side in (("lesion", "left"), ("lesion", "right"), ("healthy", None)):
         for i in range(count):
-            if side:
-                data = add_lesion(t1, brain, side, LESION_DIAMETER_MM[task], rng)
-            else:
-                data = np.asarray(t1.dataobj, dtype=np.float32)
-            yield kind, side, i, augment(data, rng, max_shift)
+            data, _, _ = lesion_volume(templates, side, diameter_mm or LESION_DIAMETER_MM[task], rng, max_shift)
+            yield kind, side, i, data
 
 
-def write_volumes(task: str, split: str, count: int, folder: Path, rng: np.random.Generator) -> list[Volume]:
-    """`count` augmented volumes per kind (maps for "global"; lesion left / right / healthy T1 for "local")."""
+def write_volumes(
+    task: str,
+    split: str,
+    count: int,
+    folder: Path,
+    rng: np.random.Generator,
+    diameter_mm: tuple[float, float] | None = None,
+) -> list[Volume]:
+    """`count` augmented volumes per kind (maps for "global"; lesion left / right / healthy T1 for a local task, the
+    lesions of `diameter_mm`, default the task's)."""
     templates = load_templates()
     folder.mkdir(parents=True, exist_ok=True)
     volumes = []
@@ -144,7 +179,7 @@ def write_volumes(task: str, split: str, count: int, folder: Path, rng: np.rando
                 _write(augment(base, rng), template.affine, path, store_las=bool(i % 2))
                 volumes.append(Volume(path.name, kind))
         return volumes
-    for kind, side, i, data in local_task_volumes(task, count, rng, templates):
+    for kind, side, i, data in local_task_volumes(task, count, rng, templates, diameter_mm):
         path = folder / f"{split}-{kind}-{side or 'none'}-{i:03d}.nii.gz"
         _write(data, templates["T1"].affine, path, store_las=bool(i % 2))
         volumes.append(Volume(path.name, kind, side))
@@ -187,11 +222,18 @@ def sample_record(record_id: str, question: str, volumes: list[Volume], pick: ra
 
 
 def build_learning_data(
-    folder: Path, task: str, train_records: int, eval_records: int, volumes_per_kind: int, seed: int = 0
+    folder: Path,
+    task: str,
+    train_records: int,
+    eval_records: int,
+    volumes_per_kind: int,
+    seed: int = 0,
+    diameter_mm: tuple[float, float] | None = None,
 ) -> tuple[Path, Path]:
-    """Write the volumes and `train.jsonl` / `eval.jsonl` of `task` ("global" or "local") into `folder`.
+    """Write the volumes and `train.jsonl` / `eval.jsonl` of `task` (a key of `TASKS`) into `folder`; a local
+    task's lesions are of `diameter_mm` (default: the task's).
 
-    Records alternate between the task's two question kinds; held-out records use held-out volumes.
+    Records alternate between the task's question kinds; held-out records use held-out volumes.
     """
     rng, pick = np.random.default_rng(seed), random.Random(seed)
     paths = {}
@@ -199,10 +241,10 @@ def build_learning_data(
         ("train", train_records, volumes_per_kind),
         ("eval", eval_records, max(2, volumes_per_kind // 2)),
     ):
-        volumes = write_volumes(task, split, per_kind, folder, rng)
+        volumes = write_volumes(task, split, per_kind, folder, rng, diameter_mm)
         paths[split] = folder / f"{split}.jsonl"
         with paths[split].open("w") as f:
             for i in range(count):
-                question = TASKS[task][i % 2]
+                question = TASKS[task][i % len(TASKS[task])]
                 f.write(json.dumps(sample_record(f"{split}-{i:04d}", question, volumes, pick)) + "\n")
     return paths["train"], paths["eval"]

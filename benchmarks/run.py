@@ -10,9 +10,10 @@ Benchmarks (see BENCHMARKS.md for what each compares and its goal):
     learning          steps until held-out accuracy reaches 0.9 on volume-only questions (median of 3 seeds), per
                       variant of the defaults, on real MNI152 brains (needs nilearn)
     learning_local    why the local lesion task is not learnt: one change each, seed 0
-    lesion_probe      whether a linear reader of 8³ patches sees the lesion at all (mean vs max over patches)
     token_budget      volume_merge_size 1 / 2³ / 4³: tokens per volume, learning (average vs concat + MLP merger),
                       step time and peak memory at 4 volumes per sample (needs nilearn)
+    relevance         relevance maps of a model that learnt a lesion: pointing game, randomisation sanity check, time
+                      and memory per map, per method (needs nilearn, captum)
 
 The GPU run is separate: `python -m benchmarks.gpu`.
 """
@@ -37,9 +38,9 @@ TABLE_COLUMNS = ["benchmark", "case", "metric", "value", "goal", "met", "ours_ms
 def _benchmarks() -> dict[str, Callable[..., list[dict]]]:
     from .data_pipeline import bench_data
     from .learning import bench_learning, bench_learning_local
-    from .lesion_probe import bench_lesion_probe
     from .memory import bench_memory
     from .model_paths import bench_handwritten_loop, bench_padding, bench_stock_overhead
+    from .relevance import bench_relevance
     from .token_budget import bench_token_budget
 
     return {
@@ -50,8 +51,8 @@ def _benchmarks() -> dict[str, Callable[..., list[dict]]]:
         "memory": bench_memory,
         "learning": bench_learning,
         "learning_local": bench_learning_local,
-        "lesion_probe": bench_lesion_probe,
         "token_budget": bench_token_budget,
+        "relevance": bench_relevance,
     }
 
 

@@ -222,7 +222,7 @@ def test_relevance_benchmark_reports_every_method(tmp_path):
     assert json.loads((tmp_path / "relevance.json").read_text())["recommended"] == report["recommended"]
     assert report["recommended"] in METHODS and report["training"][0]["last_step"] == 2
     stages = None
-    for method in METHODS:
+    for method in (*METHODS, "gradient"):  # the package's methods and the plain-gradient reference
         measured = report["methods"][method]
         assert 0 <= measured["pointing_game"]["mean"] <= 1 and 0 < measured["chance"]["mean"] < 1
         assert measured["seconds_per_map"] > 0 and measured["peak_mib_per_map"] >= 0
@@ -230,7 +230,9 @@ def test_relevance_benchmark_reports_every_method(tmp_path):
         stages = stages or list(cascade)
         assert list(cascade) == stages and stages[0].startswith("LM head") and stages[-1].startswith("embedder")
         assert (tmp_path / f"relevance_{method}.png").stat().st_size > 0
-    assert set(report["small_lesion"]) >= {"top_1pc_in_lesion", "chance", "ceiling", "answered_correctly"}
+    small = report["small_lesion"]
+    assert set(small) >= {"chance", "ceiling", "answered_correctly", *METHODS, "gradient"}
+    assert all(0 <= small[method]["top_1pc_in_lesion"]["mean"] <= 1 for method in METHODS)
 
 
 def test_conv_patch_embedding_gives_each_patch_its_own_token():
