@@ -82,7 +82,7 @@ def test_show_where_is_the_explain_map_of_the_answer_drawn_on_the_labelled_plane
     with pytest.raises(UploadError, match="Ask a question first"):
         session.explain_last_answer()
     reply = session.ask(QUESTION)
-    for method in ("integrated_gradients", "gradient_x_input"):  # the first turn's map is explain()'s
+    for method in ("gradient", "integrated_gradients", "gradient_x_input"):  # the first turn's map is explain()'s
         relevance = session.explain_last_answer(method, n_steps=4)
         expected = explain(volume_sensitive_model, tiny_processor, scans, QUESTION, reply, method, n_steps=4)
         assert relevance.shape == (2, 16, 16, 16)

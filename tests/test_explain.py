@@ -27,7 +27,7 @@ def only_reads(model, region: tuple[slice, slice, slice], volume: int, count: in
     return embeddings.register_forward_pre_hook(keep_region)
 
 
-@pytest.mark.parametrize("method", ["integrated_gradients", "gradient_x_input"])
+@pytest.mark.parametrize("method", ["gradient", "gradient_x_input", "integrated_gradients"])
 def test_a_gradient_map_lands_on_the_only_region_the_answer_can_read(
     volume_sensitive_model, tiny_processor, mni_volume_paths, method
 ):
@@ -112,4 +112,4 @@ def test_an_unknown_method_and_an_empty_answer_are_refused(tiny_model, tiny_proc
         explain(tiny_model, tiny_processor, [mni_volume_paths["T1"]], "Sex?", answer="male", method="saliency")
     with pytest.raises(ValueError, match="is empty: there is nothing to explain"):
         explain(tiny_model, tiny_processor, [mni_volume_paths["T1"]], "Sex?", answer="")
-    assert set(METHODS) == {"integrated_gradients", "gradient_x_input", "attention_rollout"}
+    assert set(METHODS) == {"gradient", "integrated_gradients", "gradient_x_input", "attention_rollout"}

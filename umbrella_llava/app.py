@@ -36,14 +36,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .chat import VolumeConversation, load_for_answering
-from .explain import answer_log_likelihood, gradient_relevance
+from .explain import DEFAULT_METHOD, GRADIENT_METHODS, answer_log_likelihood, gradient_relevance
 from .preview import PLANES, frames_argument, label_edges
 from .processing_umbrella_llava import UmbrellaLlavaProcessor
 from .relevance_figure import planes_through, quoted_for_title, render_relevance
 
 DEFAULT_MAX_UPLOAD_MB = 512
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
-RELEVANCE_METHODS = ("integrated_gradients", "gradient_x_input")
+RELEVANCE_METHODS = GRADIENT_METHODS
 UPLOAD_HELP = "a NIfTI file (.nii, .nii.gz) or a .zip of one DICOM series"
 
 
@@ -165,13 +165,14 @@ class ScanSession:
         self.relevance = None
         return self.conversation.ask(question)
 
-    def explain_last_answer(self, method: str = "integrated_gradients", n_steps: int = 8) -> torch.Tensor:
+    def explain_last_answer(self, method: str = DEFAULT_METHOD, n_steps: int = 8) -> torch.Tensor:
         """Where in each scan the last answer came from: `(N, H, W, D)`, the attribution of the answer's
         log-likelihood, given the whole conversation before it, to the voxels (`explain.gradient_relevance`).
 
         Args:
-            method: `"integrated_gradients"` (`n_steps` backward passes; a voxel at the background's value gets
-                none, as the baseline is each volume's minimum) or `"gradient_x_input"` (one backward pass).
+            method: one of `explain.GRADIENT_METHODS`: `"gradient"` (the default, chosen by measurement: see
+                BENCHMARKS.md, "Relevance maps"; one backward pass), `"gradient_x_input"` (one backward pass) or
+                `"integrated_gradients"` (`n_steps` backward passes).
 
         Raises:
             UploadError: before any question, or when the last answer is empty.
@@ -298,7 +299,7 @@ def build_app(
     processor: UmbrellaLlavaProcessor,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     max_new_tokens: int = 64,
-    relevance_method: str = "integrated_gradients",
+    relevance_method: str = DEFAULT_METHOD,
     n_steps: int = 8,
     title: str = "Ask about a brain scan",
 ):
@@ -449,7 +450,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--max_upload_mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest file, or unpacked zip, in MB"
     )
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--relevance_method", choices=RELEVANCE_METHODS, default="integrated_gradients")
+    parser.add_argument("--relevance_method", choices=RELEVANCE_METHODS, default=DEFAULT_METHOD)
     parser.add_argument("--n_steps", type=int, default=8, help="integration steps of integrated gradients")
     parser.add_argument(
         "--frames",

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 
 from .chat import load_for_answering
-from .explain import METHODS, explain
+from .explain import DEFAULT_METHOD, METHODS, explain
 from .relevance_figure import quoted_for_title, save_relevance_figure
 from .scan_space import to_scan_space
 
@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--question", required=True)
     parser.add_argument("--answer", default=None, help="the answer to explain (default: the model's own, greedy)")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--method", choices=METHODS, default="integrated_gradients")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help=f"default: {DEFAULT_METHOD}")
     parser.add_argument("--n_steps", type=int, default=16, help="integration steps of integrated gradients")
     parser.add_argument(
         "--internal_batch_size", type=int, default=None, help="integration steps per forward (bounds memory)"
