@@ -78,3 +78,24 @@ def test_the_grid_affine_is_the_processors_resampling(mni_t1_path):
 def test_an_array_has_no_grid_to_return_to():
     with pytest.raises(TypeError, match="has no affine"):
         to_scan_space(torch.zeros(4, 4, 4), np.zeros((4, 4, 4)), UmbrellaVolumeProcessor(volume_size=(4, 4, 4)))
+
+
+def test_a_map_returns_to_a_dicom_series_grid(mni_t1_path, tmp_path):
+    """A DICOM series folder is a scan like a NIfTI file: its own grid is the series' (here stored sagittally)."""
+    pytest.importorskip("pydicom")
+    pytest.importorskip("SimpleITK")
+    from umbrella_llava.dicom_writer import write_dicom_series
+    from umbrella_llava.image_processing_umbrella_llava import load_image
+
+    scan, _ = marked_scan(mni_t1_path, "RAS")
+    folder = tmp_path / "series"
+    write_dicom_series(scan, folder, axcodes=("P", "S", "L"))  # sagittal slices: columns to P, rows to S, slices to L
+    series = load_image(folder)
+    processor = UmbrellaVolumeProcessor(volume_size=(48, 48, 48), normalization="none", clip_percentiles=None)
+    back = to_scan_space(processor.preprocess_volume(folder)[0], folder, processor)
+    assert back.shape == series.shape[:3] and np.allclose(back.affine, series.affine)
+    # The marker, found in the series' own voxels, is where the map's maximum comes back.
+    series_data = np.asarray(series.dataobj)
+    marker = np.unravel_index(np.argmax(series_data), series_data.shape)
+    found = np.unravel_index(np.argmax(np.asarray(back.dataobj)), back.shape)
+    assert max(abs(int(f) - int(m)) for f, m in zip(found, marker)) <= 2, (found, marker)
