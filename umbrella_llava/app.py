@@ -34,7 +34,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .chat import VolumeConversation, load_for_answering
+from .chat import VolumeConversation, add_model_arguments, load_for_answering
 from .explain import DEFAULT_METHOD, GRADIENT_METHODS, answer_log_likelihood, gradient_relevance
 from .preview import PLANES, frames_argument, label_edges
 from .processing_umbrella_llava import UmbrellaLlavaProcessor
@@ -356,7 +356,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="A web page (Gradio) where one uploads scans and asks a model about them; its answering "
         "function is also the API endpoint /answer.",
     )
-    parser.add_argument("--model", required=True, help="a saved UmbrellaLlava folder or a Hub id")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument(
@@ -371,8 +371,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="what a 4-D file's frames become (default: the processor's)",
     )
-    parser.add_argument("--dtype", default="float32", help="the model's dtype: float32, bfloat16, float16, auto")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when there is one)")
     return parser.parse_args(argv)
 
 

@@ -5,6 +5,7 @@ and the web app (`umbrella-app`).
 previous `generate()` returned, so no scan is encoded twice (see `UmbrellaLlavaForConditionalGeneration.generate`).
 """
 
+import argparse
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,6 +110,14 @@ class VolumeConversation:
         return answer
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `load_for_answering` reads (`--model`, `--dtype`, `--device`), for the commands that answer
+    questions (umbrella-explain, umbrella-app)."""
+    parser.add_argument("--model", required=True, help="a saved UmbrellaLlava folder or a Hub id")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype: float32, bfloat16, float16, auto")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when there is one)")
+
+
 def load_for_answering(
     model_id: str, dtype: str = "float32", device: str | None = None, **processor_options
 ) -> tuple[Any, UmbrellaLlavaProcessor]:
@@ -140,4 +149,4 @@ def answer_question(
     return VolumeConversation(model, processor, volumes, max_new_tokens=max_new_tokens).ask(question)
 
 
-__all__ = ["VolumeConversation", "answer_question", "load_for_answering", "user_turn"]
+__all__ = ["VolumeConversation", "add_model_arguments", "answer_question", "load_for_answering", "user_turn"]

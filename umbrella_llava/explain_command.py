@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from .chat import load_for_answering
+from .chat import add_model_arguments, load_for_answering
 from .explain import DEFAULT_METHOD, METHODS, explain
 from .relevance_figure import quoted_for_title, save_relevance_figure
 from .scan_space import to_scan_space
@@ -26,7 +26,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Answer a question about one or more scans and write a relevance map per scan: where in the "
         "scan the answer came from.",
     )
-    parser.add_argument("--model", required=True, help="a saved UmbrellaLlava folder or a Hub id")
+    add_model_arguments(parser)
     parser.add_argument(
         "--volume",
         action="append",
@@ -42,8 +42,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--internal_batch_size", type=int, default=None, help="integration steps per forward (bounds memory)"
     )
     parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--dtype", default="float32", help="the model's dtype: float32, bfloat16, float16, auto")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when there is one)")
     return parser.parse_args(argv)
 
 
