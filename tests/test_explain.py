@@ -113,3 +113,17 @@ def test_an_unknown_method_and_an_empty_answer_are_refused(tiny_model, tiny_proc
     with pytest.raises(ValueError, match="is empty: there is nothing to explain"):
         explain(tiny_model, tiny_processor, [mni_volume_paths["T1"]], "Sex?", answer="")
     assert set(METHODS) == {"gradient", "integrated_gradients", "gradient_x_input", "attention_rollout"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is lent)")
+@pytest.mark.parametrize("method", METHODS)
+def test_a_map_on_a_gpu_is_the_map_on_the_cpu(volume_sensitive_model, tiny_processor, mni_volume_paths, method):
+    """The same answer and map on a GPU as on the CPU (fp32 on both; TF32 matmuls left off), for every method."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    scans, question = [mni_volume_paths["T1"], mni_volume_paths["GM"]], "Which scan is the grey-matter map?"
+    on_cpu = explain(volume_sensitive_model, tiny_processor, scans, question, method=method, n_steps=8)
+    on_gpu = explain(volume_sensitive_model.cuda(), tiny_processor, scans, question, method=method, n_steps=8)
+    assert on_gpu.answer == on_cpu.answer
+    assert on_gpu.relevance.device.type == "cpu"  # maps come back to the host, for NIfTI and pictures
+    scale = on_cpu.relevance.abs().max()
+    torch.testing.assert_close(on_gpu.relevance, on_cpu.relevance, rtol=1e-3, atol=1e-4 * float(scale))

@@ -48,3 +48,13 @@ def test_explain_writes_the_answer_and_a_map_per_scan_in_its_own_grid(saved_mode
     in_ras = np.asarray(nib.load(ras_out / "relevance_0.nii.gz").dataobj)
     assert np.allclose(in_las[::-1], in_ras, rtol=1e-3, atol=1e-6 * in_ras.max())
     assert not torch.equal(torch.from_numpy(in_las.copy()), torch.from_numpy(in_ras))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is lent)")
+def test_explain_on_a_gpu_writes_the_maps_it_writes_on_the_cpu(saved_model, mni_volume_paths, tmp_path):
+    args = ["--model", str(saved_model), "--volume", str(mni_volume_paths["T1"]), "--question", "Which scan is this?"]
+    for device in ("cpu", "cuda"):
+        assert main([*args, "--output_dir", str(tmp_path / device), "--device", device]) == 0
+    on_cpu, on_gpu = (np.asarray(nib.load(tmp_path / d / "relevance_0.nii.gz").dataobj) for d in ("cpu", "cuda"))
+    assert (tmp_path / "cuda" / "answer.txt").read_text() == (tmp_path / "cpu" / "answer.txt").read_text()
+    assert np.allclose(on_gpu, on_cpu, rtol=1e-2, atol=1e-3 * np.abs(on_cpu).max())

@@ -253,7 +253,7 @@ def explain(
     pixel_values = conversation.pixel_values.to(model.device, model.dtype)
     log_likelihood = answer_log_likelihood(model, prompt_ids, answer_ids)
     if method == "attention_rollout":
-        relevance = attention_rollout_relevance(model, prompt_ids, answer_ids, pixel_values)
+        relevance = attention_rollout_relevance(model, prompt_ids, answer_ids, pixel_values).cpu()
     else:
         relevance = gradient_relevance(log_likelihood, pixel_values, method, n_steps, internal_batch_size).cpu()
     with torch.no_grad():
