@@ -29,6 +29,7 @@ import os
 import stat
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
@@ -42,6 +43,11 @@ try:
     import numpy as np
 except ImportError:  # numpy is optional: tensors need nothing else
     np = None
+
+try:  # python-isal's igzip (the `fast` extra) decompresses gzip about twice as fast as zlib
+    from isal import igzip as _gzip
+except ImportError:
+    import gzip as _gzip
 
 try:
     import nibabel as nib
@@ -258,31 +264,111 @@ def _check_frames(shape: tuple[int, ...], name: str, frames: str | int, volume_c
         )
 
 
-def _take_frames(data: "np.ndarray", frames: str | int) -> "np.ndarray":
+def _take_frames(data: "np.ndarray", frames: str | int, slope: float = 1.0, inter: float = 0.0) -> "np.ndarray":
     """What the frames of decoded voxels `(H, W, D, T)` become under `frames` (already checked against T), as
-    `(C, H, W, D)`: C = T for `"channels"`, else 1. A single frame (T = 1) is the volume under every policy."""
+    `(C, H, W, D)`: C = T for `"channels"`, else 1. A single frame (T = 1) is the volume under every policy. Only
+    `"mean"` computes: it averages the scaled values (`stored * slope + inter`) into float32."""
     if data.shape[3] == 1 or frames == "channels":
         return np.moveaxis(data, 3, 0)
     if frames == "mean":  # summed in float64 for long runs; numpy casts in chunks, so no float64 copy of all frames
-        return data.mean(axis=3, dtype=np.float64).astype(np.float32)[None]
+        return (data.mean(axis=3, dtype=np.float64) * slope + inter).astype(np.float32)[None]
     index = 0 if frames == "first" else frames
     return data[None, ..., index]
 
 
-def _ras_voxels(
+@dataclass
+class RawVolume:
+    """A volume's voxels as its file stores them, with what turns them into RAS+ float32: read on the CPU (the
+    decoding), turned into a volume on any device (the arithmetic). Moving the stored values (often int16) to a GPU
+    moves half the bytes of float32 ones, and the conversion, scaling and reordering then run there.
+
+    Attributes:
+        voxels: `(C, H, W, D)` in the file's axis order, its stored dtype (float32 where frames were averaged).
+        slope, inter: the file's intensity scaling, `value = stored * slope + inter`.
+        flips: the stored axes (1-3) reversed on the way to RAS+.
+        ras_order: the permutation of the (flipped) axes 1-3 that gives RAS+ order.
+        spacing: voxel spacing along RAS (H, W, D) in mm, or `None` (arrays and tensors).
+    """
+
+    voxels: torch.Tensor
+    slope: float = 1.0
+    inter: float = 0.0
+    flips: tuple[int, ...] = ()
+    ras_order: tuple[int, ...] = (1, 2, 3)
+    spacing: tuple[float, float, float] | None = None
+
+    def to_volume(self, device: str | torch.device | None = None, scaled: bool = True) -> torch.Tensor:
+        """The float32 RAS+ volume `(C, H, W, D)` on `device` (the voxels' own when `None`), a fresh tensor the
+        caller may change in place; strided rather than contiguous where the file's order is not RAS+. With
+        `scaled=False` the intensity scaling is left to [`apply_scaling`], which may then run on fewer voxels: it is
+        affine, so it commutes with trilinear resizing."""
+        voxels = self.voxels.to(device=device, non_blocking=True)
+        if voxels.device.type == "cpu" and np is not None and voxels.dtype != torch.bfloat16:
+            # numpy converts in the stored layout and asks the kernel for huge pages for a large result: on one core
+            # several times faster than torch's conversion into freshly faulted pages (profiled on MNI brains).
+            volume = torch.from_numpy(voxels.numpy().astype(np.float32))
+        else:
+            volume = torch.empty_like(voxels, dtype=torch.float32).copy_(voxels)
+        if scaled:
+            volume = self.apply_scaling(volume)
+        if self.flips:
+            volume = volume.flip(self.flips)
+        return volume.permute(0, *self.ras_order)
+
+    def apply_scaling(self, volume: torch.Tensor) -> torch.Tensor:
+        """`volume * slope + inter`, in place."""
+        if self.slope != 1.0:
+            volume.mul_(self.slope)
+        if self.inter != 0.0:
+            volume.add_(self.inter)
+        return volume
+
+    @property
+    def may_hold_non_finite(self) -> bool:
+        """Whether the values can be NaN or ±Inf: stored integers cannot."""
+        return self.voxels.is_floating_point() or not (math.isfinite(self.slope) and math.isfinite(self.inter))
+
+
+def _stored_voxels(image: "nib.spatialimages.SpatialImage") -> "np.ndarray | None":
+    """The voxels of an image read from a file (or a file's bytes) as stored, unscaled: a `.gz` file on disk is read
+    whole and decompressed at once (with python-isal's igzip when installed, zlib's speed otherwise), then viewed
+    without a copy, instead of nibabel's stream of small reads; an uncompressed file is memory-mapped and bytes are
+    read by nibabel. `None` for an image built in memory from an array (nibabel hands out its array)."""
+    proxy = image.dataobj
+    if not isinstance(proxy, nib.arrayproxy.ArrayProxy):
+        return None
+    path = proxy.file_like
+    if not (isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith(".gz")):
+        return np.asanyarray(proxy.get_unscaled())
+    with open(path, "rb") as file:
+        buffer = _gzip.decompress(file.read())
+    count = math.prod(proxy.shape)
+    return np.frombuffer(buffer, dtype=proxy.dtype, count=count, offset=proxy.offset).reshape(
+        proxy.shape, order=proxy.order
+    )
+
+
+def _as_tensor(array: "np.ndarray") -> torch.Tensor:
+    """A tensor over `array` (no copy where it can be): native byte order, and a dtype torch holds."""
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.dtype.kind not in "iufb" or array.dtype in (np.uint32, np.uint64):
+        array = array.astype(np.float64)  # only exotic stored types; torch converts what is left
+    with warnings.catch_warnings():  # a decompressed buffer is read-only; it is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _raw_ras_voxels(
     image: "nib.spatialimages.SpatialImage",
     name: str,
     frames: str | int = "error",
     volume_channels: int | None = None,
-) -> tuple[torch.Tensor, tuple[float, ...]]:
-    """Decode a 3-D or 4-D image once as float32, take its frames as `frames` says, and reorder its voxels to RAS+
-    (every frame by the same flips and permutation, from the one affine).
-
-    Returns:
-        The voxels `(C, H, W, D)` with H running Left→Right, W Posterior→Anterior, D Inferior→Superior (C is the
-        frame count for `frames="channels"`, else 1), and the voxel spacing along (H, W, D) in mm, from the
-        affine's column norms.
-    """
+) -> RawVolume:
+    """Decode a 3-D or 4-D image once, as stored, take its frames as `frames` says, and note the flips and
+    permutation that bring it to RAS+ (every frame by the same, from the one affine) and its voxel spacing along
+    (H, W, D) in mm, from the affine's column norms. The volume's H runs Left→Right, W Posterior→Anterior,
+    D Inferior→Superior."""
     _check_image(image, name, frames, volume_channels)
     shape = tuple(image.shape)
     orientation = nib.orientations.io_orientation(image.affine)
@@ -290,32 +376,43 @@ def _ras_voxels(
         raise InvalidVolumeError(
             f"{name} has a degenerate affine, so its orientation is unknown:\n{image.affine}", "bad affine"
         )
+    slope, inter = 1.0, 0.0
     try:
-        data = image.get_fdata(dtype=np.float32, caching="unchanged")
+        data = _stored_voxels(image)
+        if data is not None:
+            slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
+        else:
+            data = image.get_fdata(dtype=np.float32, caching="unchanged")
+            if isinstance(image.dataobj, np.ndarray) and np.shares_memory(data, image.dataobj):
+                # A float32 image held in memory hands out its own array; later steps work in place on what they get.
+                data = data.copy()
+        data = data.reshape(*shape[:3], -1)
+        averaged = frames == "mean" and data.shape[3] > 1
+        data = _take_frames(data, frames, slope, inter)
+        if averaged:
+            slope, inter = 1.0, 0.0  # applied before averaging
     except (*_decode_errors(), MemoryError) as err:
         raise InvalidVolumeError(
             f"Could not decode the voxels of {name} (truncated or damaged file?): {type(err).__name__}: {err}",
             "undecodable voxels",
         ) from err
-    if isinstance(image.dataobj, np.ndarray) and np.shares_memory(data, image.dataobj):
-        # A float32 image held in memory hands out its own array; later steps work in place on what they get.
-        data = data.copy()
-    voxels = torch.from_numpy(_take_frames(data.reshape(*shape[:3], -1), frames))  # (C, H, W, D), as stored
-
     # Input axis i becomes RAS axis orientation[i, 0], reversed where orientation[i, 1] is -1.
-    flipped_axes = [axis + 1 for axis, (_, sign) in enumerate(orientation) if sign < 0]
-    if flipped_axes:
-        voxels = voxels.flip(flipped_axes)
+    flips = tuple(axis + 1 for axis, (_, sign) in enumerate(orientation) if sign < 0)
     ras_order = [int(axis) for axis in orientation[:, 0].argsort()]
-    voxels = voxels.permute(0, *[axis + 1 for axis in ras_order])
     spacing = nib.affines.voxel_sizes(image.affine)
-    return voxels, tuple(float(spacing[axis]) for axis in ras_order)
+    return RawVolume(
+        voxels=_as_tensor(data),
+        slope=slope,
+        inter=inter,
+        flips=flips,
+        ras_order=tuple(axis + 1 for axis in ras_order),
+        spacing=tuple(float(spacing[axis]) for axis in ras_order),
+    )
 
 
-def load_volume(
-    source: VolumeInput, frames: str | int = "error", volume_channels: int | None = None
-) -> tuple[torch.Tensor, tuple[float, float, float] | None]:
-    """Read one volume as a float32 tensor `(C, H, W, D)`, in RAS+ voxel order where the source has an affine.
+def load_raw_volume(source: VolumeInput, frames: str | int = "error", volume_channels: int | None = None) -> RawVolume:
+    """Read one volume's voxels as stored, with what turns them into a float32 tensor `(C, H, W, D)` in RAS+ voxel
+    order where the source has an affine ([`RawVolume.to_volume`], on any device).
 
     Args:
         source: a `.nii` / `.nii.gz` path (`str` or `os.PathLike`), the path of a folder holding one DICOM series, a
@@ -329,10 +426,9 @@ def load_volume(
             `None` accepts any.
 
     Returns:
-        `(volume, spacing)`: the volume `(C, H, W, D)` float32 on the CPU (C is 1 for files, or their frame count
-        with `frames="channels"`), and the voxel spacing along (H, W, D) in mm, or `None` for arrays and tensors.
-        The tensor is always a fresh copy (the caller may change it in place) and may be strided rather than
-        contiguous.
+        [`RawVolume`]: the voxels `(C, H, W, D)` as stored, on the CPU for files (C is 1, or their frame count with
+        `frames="channels"`), where they are for a tensor; the voxel spacing along (H, W, D) in mm, or `None` for
+        arrays and tensors. The voxels may share memory with the source: `to_volume` copies.
 
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError, OSError, ImportError: see `load_nifti` and
@@ -349,7 +445,7 @@ def load_volume(
         if isinstance(source, (str, os.PathLike)):
             source = load_image(source)
         if nib is not None and isinstance(source, nib.spatialimages.SpatialImage):
-            return _ras_voxels(source, name, frames, volume_channels)
+            return _raw_ras_voxels(source, name, frames, volume_channels)
     except (InvalidVolumeError, OSError, ImportError):
         raise
     except Exception as err:  # whatever else a decoder raises, so that the file is always named
@@ -365,7 +461,7 @@ def load_volume(
             "complex voxels",
         )
     if isinstance(source, torch.Tensor):
-        volume = source.detach().to(device="cpu", dtype=torch.float32, copy=True)
+        volume = source.detach()
     elif np is not None and isinstance(source, np.ndarray):
         if source.dtype.fields is not None:
             raise InvalidVolumeError(
@@ -373,7 +469,7 @@ def load_volume(
                 "channel, or the fields as channels (C, H, W, D).",
                 "rgb voxels",
             )
-        volume = torch.tensor(source, dtype=torch.float32)
+        volume = _as_tensor(source)
     else:
         raise TypeError(
             f"Cannot read a volume from {type(source).__name__}; give a NIfTI path, a nibabel image, a numpy array "
@@ -385,7 +481,23 @@ def load_volume(
         raise InvalidVolumeError(
             f"{name}: expected a volume (H, W, D) or (C, H, W, D), got {volume.ndim} dimensions.", "wrong shape"
         )
-    return volume, None
+    return RawVolume(voxels=volume)
+
+
+def load_volume(
+    source: VolumeInput, frames: str | int = "error", volume_channels: int | None = None
+) -> tuple[torch.Tensor, tuple[float, float, float] | None]:
+    """Read one volume as a float32 tensor `(C, H, W, D)` on the CPU, in RAS+ voxel order where the source has an
+    affine: [`load_raw_volume`], turned into a volume.
+
+    Returns:
+        `(volume, spacing)`: the volume `(C, H, W, D)` float32 on the CPU (C is 1 for files, or their frame count
+        with `frames="channels"`), and the voxel spacing along (H, W, D) in mm, or `None` for arrays and tensors.
+        The tensor is always a fresh copy (the caller may change it in place) and may be strided rather than
+        contiguous.
+    """
+    raw = load_raw_volume(source, frames, volume_channels)
+    return raw.to_volume("cpu"), raw.spacing
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -458,7 +570,7 @@ def _percentiles(volume: torch.Tensor, percentiles: Sequence[float]) -> torch.Te
     """Per-channel percentiles of `(C, H, W, D)`, shape `(len(percentiles), C, 1, 1, 1)`."""
     flat = volume.flatten(1)
     stride = math.ceil(flat.shape[1] * flat.shape[0] / _MAX_QUANTILE_ELEMENTS)
-    q = torch.tensor([p / 100 for p in percentiles], dtype=flat.dtype)
+    q = torch.tensor([p / 100 for p in percentiles], dtype=flat.dtype, device=flat.device)
     return torch.quantile(flat[:, ::stride], q, dim=1)[..., None, None, None]
 
 
@@ -515,7 +627,7 @@ def stack_volumes(volumes_per_sample: list[torch.Tensor]) -> dict[str, torch.Ten
         ValueError: naming the sample, if a sample is not `(n_i, C, H, W, D)` or its volumes differ in shape from an
             earlier sample's; or if no sample is 5-D, so the volume shape cannot be known.
     """
-    reference = None  # (index, (C, H, W, D), dtype) of the first sample that has volumes
+    reference = None  # (index, (C, H, W, D), dtype, device) of the first sample that has volumes
     for index, volumes in enumerate(volumes_per_sample):
         is_empty = volumes.ndim >= 1 and volumes.shape[0] == 0
         if volumes.ndim != 5 and not is_empty:
@@ -523,7 +635,7 @@ def stack_volumes(volumes_per_sample: list[torch.Tensor]) -> dict[str, torch.Ten
         if is_empty:
             continue
         if reference is None:
-            reference = (index, tuple(volumes.shape[1:]), volumes.dtype)
+            reference = (index, tuple(volumes.shape[1:]), volumes.dtype, volumes.device)
         elif tuple(volumes.shape[1:]) != reference[1]:
             raise ValueError(
                 f"Sample {index} has volumes of shape {tuple(volumes.shape[1:])} but sample {reference[0]} has "
@@ -535,12 +647,13 @@ def stack_volumes(volumes_per_sample: list[torch.Tensor]) -> dict[str, torch.Ten
             raise ValueError(
                 "Cannot stack a batch without volumes unless an empty sample is a (0, C, H, W, D) tensor."
             )
-        reference = (0, tuple(shaped[0].shape[1:]), shaped[0].dtype)
-    _, volume_shape, dtype = reference
+        reference = (0, tuple(shaped[0].shape[1:]), shaped[0].dtype, shaped[0].device)
+    _, volume_shape, dtype, device = reference
 
     counts = torch.tensor([len(volumes) for volumes in volumes_per_sample], dtype=torch.long)
     max_count = int(counts.max())
-    pixel_values = torch.zeros((len(volumes_per_sample), max_count, *volume_shape), dtype=dtype)
+    # On the volumes' device: volumes preprocessed on a GPU are batched there.
+    pixel_values = torch.zeros((len(volumes_per_sample), max_count, *volume_shape), dtype=dtype, device=device)
     for index, volumes in enumerate(volumes_per_sample):
         if len(volumes):
             pixel_values[index, : len(volumes)] = volumes
@@ -715,18 +828,23 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
             "frames": self.frames,
         }
 
-    def preprocess_volume(self, source: VolumeInput) -> torch.Tensor:
+    def preprocess_volume(self, source: VolumeInput, device: str | torch.device | None = None) -> torch.Tensor:
         """Preprocess one volume.
 
         Args:
             source: a NIfTI path, a nibabel image, or an array / tensor `(H, W, D)` or `(C, H, W, D)` (see
-                `load_volume`).
+                `load_raw_volume`).
+            device: where the arithmetic runs (the CPU by default). The file is decoded on the CPU; its stored
+                values go to `device`, where conversion, RAS+ reordering, resizing and normalisation run, and the
+                result stays there. A GPU gives the CPU's volume within float tolerance (tested on MNI brains).
 
         Returns:
-            float32 tensor `(C, H, W, D)` = `(volume_channels, *volume_size)`, finite, normalised.
+            float32 tensor `(C, H, W, D)` = `(volume_channels, *volume_size)` on `device`, finite, normalised.
         """
         name = describe_source(source)
-        volume, spacing = load_volume(source, self.frames, self.volume_channels)
+        raw = load_raw_volume(source, self.frames, self.volume_channels)
+        # Scaled after resizing (fewer voxels; the scaling is affine, so it commutes with trilinear interpolation).
+        volume, spacing = raw.to_volume("cpu" if device is None else device, scaled=False), raw.spacing
         if volume.shape[0] != self.volume_channels:
             raise InvalidVolumeError(
                 f"{name} has {volume.shape[0]} channel(s) but this processor expects "
@@ -734,11 +852,15 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
                 "and a file gives one channel (or, with frames='channels', one per frame).",
                 "wrong channels",
             )
-        blank = blank_reason(volume)
-        volume = torch.nan_to_num_(volume, nan=0.0, posinf=0.0, neginf=0.0)
+        # Stored integers are checked as they are (a quarter of the bytes for uint8), floats once converted.
+        blank = blank_reason(volume if raw.voxels.is_floating_point() else raw.voxels)
+        if blank is not None:  # the message gives the file's own values
+            blank = blank_reason(raw.apply_scaling(volume.clone()))
+        if raw.may_hold_non_finite:
+            volume = torch.nan_to_num_(volume, nan=0.0, posinf=0.0, neginf=0.0)
         if self.voxel_spacing is None:
             self._check_blank(name, blank)
-            volume = resize_volume(volume, self.volume_size)
+            volume = raw.apply_scaling(resize_volume(volume, self.volume_size))
             return normalize_intensity(volume, self.normalization, self.clip_percentiles).contiguous()
         if spacing is not None:
             size = resampled_shape(volume.shape[1:], spacing, self.voxel_spacing)
@@ -761,7 +883,7 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
             volume = resize_volume(volume, size)
         else:
             self._check_blank(name, blank)
-        volume = normalize_intensity(volume, self.normalization, self.clip_percentiles)
+        volume = normalize_intensity(raw.apply_scaling(volume), self.normalization, self.clip_percentiles)
         background = volume.amin(dim=(1, 2, 3), keepdim=True)
         return crop_or_pad(volume, self.volume_size, fill=background).contiguous()
 

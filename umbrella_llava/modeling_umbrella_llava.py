@@ -28,6 +28,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
 from transformers.utils import can_return_tuple
 
+try:
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks
+except ImportError:  # a transformers without it installs its recording hooks another way
+    maybe_install_capturing_hooks = None
+
 from .configuration_umbrella_llava import UmbrellaLlavaConfig
 
 
@@ -249,6 +254,44 @@ def flatten_volumes(
     return pixel_values, None if counts is None else counts.cpu()
 
 
+def check_image_tokens_per_sample(
+    special_image_mask: torch.Tensor, num_images_per_sample: torch.Tensor, image_seq_length: int
+) -> None:
+    """Check that each sample holds `image_seq_length` image tokens per volume, in whole blocks.
+
+    The model's forward checks this on every eager step ([`UmbrellaLlavaModel.get_placeholder_mask`]);
+    [`UmbrellaCollator`] checks it on the host for every batch it builds, so that a compiled step, whose checks are
+    device asserts, still gets the sample named.
+
+    Args:
+        special_image_mask: `(B, L)` bool, True at image tokens.
+        num_images_per_sample: `(B,)` volumes per sample.
+
+    Raises:
+        ValueError: naming every sample whose image-token count is not its volumes × `image_seq_length`, even when
+            the batch totals agree, and every sample whose blocks are split by text.
+    """
+    tokens_per_sample = special_image_mask.sum(dim=1).cpu()
+    expected = torch.as_tensor(num_images_per_sample).cpu() * image_seq_length
+    mismatched = (tokens_per_sample != expected).nonzero().flatten().tolist()
+    if mismatched:
+        details = "; ".join(
+            f"sample {i}: {int(tokens_per_sample[i])} image tokens, {int(expected[i]) // image_seq_length} volumes "
+            f"× {image_seq_length} = {int(expected[i])} expected"
+            for i in mismatched
+        )
+        raise ValueError(f"Image tokens and volumes do not match per sample ({details}).")
+    check_image_token_blocks(special_image_mask, image_seq_length)
+
+
+def split_image_token_blocks(special_image_mask: torch.Tensor, image_seq_length: int) -> torch.Tensor:
+    """`(B, L)` bool, True at each image token that does not open its block yet follows text (see
+    [`check_image_token_blocks`]). Tensor ops only, so a compiled forward can assert on it."""
+    rank_in_sample = special_image_mask.cumsum(dim=1) - 1
+    after_image_token = nn.functional.pad(special_image_mask[:, :-1], (1, 0), value=False)
+    return special_image_mask & ~after_image_token & (rank_in_sample % image_seq_length != 0)
+
+
 def check_image_token_blocks(special_image_mask: torch.Tensor, image_seq_length: int) -> None:
     """Check that every volume's image-token block is contiguous.
 
@@ -262,11 +305,10 @@ def check_image_token_blocks(special_image_mask: torch.Tensor, image_seq_length:
     Raises:
         ValueError: naming each sample with a split block, and where the split is.
     """
-    rank_in_sample = special_image_mask.cumsum(dim=1) - 1
-    after_image_token = nn.functional.pad(special_image_mask[:, :-1], (1, 0), value=False)
-    split = special_image_mask & ~after_image_token & (rank_in_sample % image_seq_length != 0)
+    split = split_image_token_blocks(special_image_mask, image_seq_length)
     if not bool(split.any()):
         return
+    rank_in_sample = special_image_mask.cumsum(dim=1) - 1
     details = "; ".join(
         f"sample {b}: token {int(rank_in_sample[b, p]) % image_seq_length} of volume "
         f"{int(rank_in_sample[b, p]) // image_seq_length}'s block follows text (position {p})"
@@ -354,6 +396,85 @@ def check_volume_values(
         )
 
 
+_COMPILED_HINT = (
+    " (compiled forward: run the batch once without torch.compile, or `umbrella-check-data` on its records, to have "
+    "the sample named)"
+)
+
+
+def compiled_slot_mask(
+    pixel_values: torch.Tensor, image_mask: torch.Tensor | None, num_images_per_sample: torch.Tensor | None
+) -> torch.Tensor:
+    """`(B, N)` bool, True where a slot of 6-D `pixel_values` holds a volume: what [`flatten_volumes`] reads, for the
+    compiled forward. Shapes are checked at trace time; what depends on values (counts within the slots, the mask
+    agreeing with the counts) is asserted on the device, with no host sync and no graph break."""
+    batch_size, slots = pixel_values.shape[:2]
+    device = pixel_values.device
+    from_counts = None
+    if num_images_per_sample is not None:
+        counts = torch.as_tensor(num_images_per_sample, device=device)
+        if counts.shape != (batch_size,):
+            raise ValueError(f"num_images_per_sample has shape {tuple(counts.shape)} for {batch_size} samples.")
+        if counts.is_floating_point():
+            torch._assert_async((counts == counts.round()).all(), "num_images_per_sample holds a fractional count")
+        torch._assert_async(
+            ((counts >= 0) & (counts <= slots)).all(),
+            f"num_images_per_sample does not fit {slots} slots" + _COMPILED_HINT,
+        )
+        from_counts = torch.arange(slots, device=device) < counts[:, None]
+    if image_mask is None:
+        return torch.ones(batch_size, slots, dtype=torch.bool, device=device) if from_counts is None else from_counts
+    if image_mask.shape != (batch_size, slots):
+        raise ValueError(
+            f"image_mask has shape {tuple(image_mask.shape)}, pixel_values has {batch_size} samples of {slots} slots."
+        )
+    image_mask = image_mask.to(device=device, dtype=torch.bool)
+    if from_counts is not None:
+        torch._assert_async(
+            (image_mask.sum(dim=1) == from_counts.sum(dim=1)).all(),
+            "image_mask and num_images_per_sample disagree" + _COMPILED_HINT,
+        )
+    return image_mask
+
+
+def assert_image_tokens_match(
+    special_image_mask: torch.Tensor, image_seq_length: int, counts: torch.Tensor | None, num_volumes: int
+) -> None:
+    """The compiled forward's form of [`UmbrellaLlavaModel.get_placeholder_mask`]'s checks: every sample's image
+    tokens are its volumes × `image_seq_length` (or, for flattened volumes without counts, the batch's are), and no
+    block is split by text. Asserted on the device: a mismatched batch stops the run instead of training."""
+    tokens_per_sample = special_image_mask.sum(dim=1)
+    if counts is None:
+        matched = tokens_per_sample.sum() == num_volumes * image_seq_length
+    else:
+        matched = (tokens_per_sample == counts.to(tokens_per_sample.device) * image_seq_length).all()
+    torch._assert_async(matched, "Image tokens and volumes do not match per sample" + _COMPILED_HINT)
+    split = split_image_token_blocks(special_image_mask, image_seq_length)
+    torch._assert_async(~split.any(), "Image-token blocks are split by text" + _COMPILED_HINT)
+
+
+def splice_slot_features(
+    inputs_embeds: torch.Tensor, special_image_mask: torch.Tensor, features: torch.Tensor, slot_mask: torch.Tensor
+) -> torch.Tensor:
+    """Write each sample's volume features into its image tokens with static shapes (the compiled forward's
+    `masked_scatter` over valid volumes): the `k`-th image token of sample `b` takes token `k` of the features of
+    `b`'s valid slots, in slot order, laid end to end.
+
+    Args:
+        inputs_embeds: `(B, L, hidden)`.
+        special_image_mask: `(B, L)` bool, True at image tokens.
+        features: `(B, N, image_seq_length, hidden)`, every slot's features (padded slots' are never read).
+        slot_mask: `(B, N)` bool, True at valid slots.
+    """
+    batch_size, slots, seq_length, hidden = features.shape
+    # A stable sort brings each sample's valid slots first, in slot order.
+    valid_first = torch.sort((~slot_mask).to(torch.uint8), dim=1, stable=True).indices
+    features = features.gather(1, valid_first[:, :, None, None].expand(-1, -1, seq_length, hidden)).flatten(1, 2)
+    rank = (special_image_mask.cumsum(dim=1) - 1).clamp(0, slots * seq_length - 1)
+    gathered = features.gather(1, rank[:, :, None].expand(-1, -1, hidden))
+    return torch.where(special_image_mask[:, :, None], gathered.to(inputs_embeds.dtype), inputs_embeds)
+
+
 def _cached_prompt_length(input_ids: torch.LongTensor, generate_kwargs: dict) -> int:
     """How many leading positions of `input_ids (B, L)` a cache given to `generate()` already holds: 0 without one,
     or when `input_ids` holds only the new tokens (shorter than the attention mask), as generate() itself reads it.
@@ -365,6 +486,16 @@ def _cached_prompt_length(input_ids: torch.LongTensor, generate_kwargs: dict) ->
     if attention_mask is not None and attention_mask.shape[-1] != input_ids.shape[1]:
         return 0
     return min(int(cache.get_seq_length()), input_ids.shape[1])
+
+
+def _eager_only(hook):
+    """A forward hook that does nothing while torch.compile traces (see `enable_input_require_grads`)."""
+
+    def eager_hook(module, args, output):
+        if not torch.compiler.is_compiling():
+            return hook(module, args, output)
+
+    return eager_hook
 
 
 def init_volume_embeddings(module: UmbrellaVolumeEmbeddings, vision_config) -> None:
@@ -477,6 +608,17 @@ class UmbrellaLlavaPreTrainedModel(LlavaPreTrainedModel):
         self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def enable_input_require_grads(self):
+        """[`PreTrainedModel.enable_input_require_grads`] (what the Trainer calls under activation checkpointing, and
+        PEFT on a frozen model), with a hook that a compiled forward skips: dynamo cannot set `requires_grad` on an
+        intermediate tensor (a graph break per call), and what it compiles, non-reentrant checkpointing, carries
+        gradients to frozen embeddings' consumers without it. Eagerly the hook is transformers' own."""
+        super().enable_input_require_grads()
+        for handle in getattr(self, "_require_grads_hooks", None) or [self._require_grads_hook]:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and handle.id in hooks:
+                hooks[handle.id] = _eager_only(hooks[handle.id])
+
 
 class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
     """[`LlavaModel`] whose vision tower embeds 3-D volumes; without a language-modelling head.
@@ -499,6 +641,11 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         self.multi_modal_projector = UmbrellaMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
+        if maybe_install_capturing_hooks is not None:
+            # LLaVA reads the tower's hidden states, which transformers records with hooks it installs at the first
+            # call, under a thread lock torch.compile cannot trace: the first compiled step would break its graph
+            # there. Installed now, the training forward compiles in one graph from the first step.
+            maybe_install_capturing_hooks(self.vision_tower)
 
     def get_image_features(
         self,
@@ -620,16 +767,7 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
                 f"num_images_per_sample has {len(num_images_per_sample)} entries for a batch of "
                 f"{len(tokens_per_sample)} samples."
             )
-        expected = num_images_per_sample * seq_length
-        mismatched = (tokens_per_sample != expected).nonzero().flatten().tolist()
-        if mismatched:
-            details = "; ".join(
-                f"sample {i}: {int(tokens_per_sample[i])} image tokens, {int(num_images_per_sample[i])} volumes "
-                f"× {seq_length} = {int(expected[i])} expected"
-                for i in mismatched
-            )
-            raise ValueError(f"Image tokens and volumes do not match per sample ({details}).")
-        check_image_token_blocks(special_image_mask, seq_length)
+        check_image_tokens_per_sample(special_image_mask, num_images_per_sample, seq_length)
         return special_image_mask.unsqueeze(-1)
 
     def _write_pre_encoded_features(
@@ -655,6 +793,63 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
                     "(pre-encoded features without num_images_per_sample fill the image tokens one row each)."
                 )
         return inputs_embeds.masked_scatter(placeholder_mask.to(inputs_embeds.device), features)
+
+    def _splice_volumes(
+        self, input_ids, inputs_embeds, pixel_values, image_mask, num_images_per_sample, feature_options
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling | None]:
+        """Eager volume path: keep the valid volumes, encode them, check each sample's image tokens against them
+        (naming the samples), and write their features into the image tokens. `(inputs_embeds, None)` when the batch
+        holds no valid volume."""
+        volumes, counts = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
+        if volumes.shape[0] == 0:
+            return inputs_embeds, None
+        image_outputs = self._encode_volumes(volumes, **feature_options)
+        image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+        placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features, counts)
+        if counts is None:  # flattened volumes owned by the text's blocks, which the check above matched
+            counts = placeholder_mask.sum(dim=(1, 2)).cpu() // self.config.image_seq_length
+        check_volume_values(volumes, counts, image_mask if pixel_values.dim() == 6 else None)
+        inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask.to(inputs_embeds.device), image_features)
+        return inputs_embeds, image_outputs
+
+    def _splice_volumes_compiled(
+        self, input_ids, inputs_embeds, pixel_values, image_mask, num_images_per_sample, feature_options
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
+        """The volume path under `torch.compile`: static shapes, no host sync, so the training forward compiles in
+        one graph.
+
+        Every slot of 6-D `pixel_values` is encoded (padded ones as zeros, their features never read), since keeping
+        only the valid ones would give a shape that depends on the mask's values; flattened volumes are all valid
+        anyway. The eager path's per-sample checks become device asserts (`torch._assert_async`): a mismatched or
+        non-finite batch stops the run instead of training, and running it once uncompiled names the sample. The
+        all-zero-volume warning is eager only. The image outputs hold every slot's features, in (sample, slot) order.
+        """
+        special_image_mask = self._image_token_mask(input_ids, inputs_embeds)
+        seq_length = self.config.image_seq_length
+        if pixel_values.dim() == 6:
+            slot_mask = compiled_slot_mask(pixel_values, image_mask, num_images_per_sample)
+            volumes = torch.where(slot_mask[:, :, None, None, None, None], pixel_values, 0.0).flatten(0, 1)
+            counts = slot_mask.sum(dim=1)
+        elif pixel_values.dim() == 5:
+            volumes, counts = pixel_values, num_images_per_sample
+            if counts is not None:
+                counts = torch.as_tensor(counts, device=volumes.device)
+                torch._assert_async(
+                    counts.sum() == volumes.shape[0], "num_images_per_sample does not add up to the volumes given"
+                )
+        else:
+            flatten_volumes(pixel_values)  # refuses the shape, as eagerly
+        torch._assert_async(
+            torch.isfinite(volumes).all(), "pixel_values holds NaN or Inf voxels in a valid volume" + _COMPILED_HINT
+        )
+        assert_image_tokens_match(special_image_mask, seq_length, counts, volumes.shape[0])
+        image_outputs = self._encode_volumes(volumes, **feature_options)
+        features = image_outputs.pooler_output
+        if pixel_values.dim() == 6:
+            features = features.unflatten(0, pixel_values.shape[:2])
+            return splice_slot_features(inputs_embeds, special_image_mask, features, slot_mask), image_outputs
+        placeholder_mask = special_image_mask[:, :, None].to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(placeholder_mask, features.to(inputs_embeds.dtype)), image_outputs
 
     @can_return_tuple
     def forward(
@@ -718,22 +913,21 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
         pre_encoded = (mm_encoder_outputs or {}).get("image")
         if pre_encoded is not None and pixel_values is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
-        volumes, counts, image_outputs = None, None, None
+        image_outputs = None
         if pixel_values is not None:
             check_volume_dtype(pixel_values)
-            volumes, counts = flatten_volumes(pixel_values, image_mask, num_images_per_sample)
-        if pre_encoded is not None:
+            if torch.compiler.is_compiling() and isinstance(pixel_values, torch.Tensor) and pixel_values.numel() > 0:
+                inputs_embeds, image_outputs = self._splice_volumes_compiled(
+                    input_ids, inputs_embeds, pixel_values, image_mask, num_images_per_sample, feature_options
+                )
+            else:
+                inputs_embeds, image_outputs = self._splice_volumes(
+                    input_ids, inputs_embeds, pixel_values, image_mask, num_images_per_sample, feature_options
+                )
+        elif pre_encoded is not None:
             image_outputs = pre_encoded
             inputs_embeds = self._write_pre_encoded_features(input_ids, inputs_embeds, pre_encoded)
-        elif volumes is not None and volumes.shape[0] > 0:
-            image_outputs = self._encode_volumes(volumes, **feature_options)
-            image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
-            placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features, counts)
-            if counts is None:  # flattened volumes owned by the text's blocks, which the check above matched
-                counts = placeholder_mask.sum(dim=(1, 2)).cpu() // self.config.image_seq_length
-            check_volume_values(volumes, counts, image_mask if pixel_values.dim() == 6 else None)
-            inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask.to(inputs_embeds.device), image_features)
-        else:
+        if image_outputs is None:
             if self.training and torch.is_grad_enabled():
                 # A text-only batch still runs one blank volume through the vision path, so that every rank of a
                 # DDP / ZeRO-3 run touches the same parameters in every step.
@@ -744,7 +938,11 @@ class UmbrellaLlavaModel(UmbrellaLlavaPreTrainedModel, LlavaModel):
                 inputs_embeds = inputs_embeds + 0.0 * blank_features.sum().to(inputs_embeds.dtype)
             if input_ids is not None and kwargs.get("cache", kwargs.get("past_key_values")) is None:
                 # Image tokens without volumes would train on the token's embedding instead of a scan: refuse.
-                self.get_placeholder_mask(input_ids, inputs_embeds, None)
+                if torch.compiler.is_compiling():
+                    special_image_mask = self._image_token_mask(input_ids, inputs_embeds)
+                    assert_image_tokens_match(special_image_mask, self.config.image_seq_length, None, 0)
+                else:
+                    self.get_placeholder_mask(input_ids, inputs_embeds, None)
 
         outputs = super().forward(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kwargs
@@ -815,6 +1013,11 @@ class UmbrellaLlavaForConditionalGeneration(UmbrellaLlavaPreTrainedModel, LlavaF
         """
         if mm_encoder_outputs is not None:  # LLaVA's forward names it from transformers 5.2x on, 5.17 passes it on
             kwargs["mm_encoder_outputs"] = mm_encoder_outputs
+        if labels is not None and self.training:
+            # A training step reads no cache: building one costs memory, and under activation checkpointing the
+            # language model logs that it turns it off, on every step, which breaks a compiled step's graph. (A new
+            # dict: dynamo breaks the graph at LLaVA's signature check after a mutated one.)
+            kwargs = {"use_cache": False, **kwargs}
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,

@@ -134,6 +134,16 @@ class DataArguments:
     cache_dir: str | None = field(
         default=None, metadata={"help": "Folder for preprocessed volumes, so later epochs skip NIfTI decoding."}
     )
+    preprocess_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Preprocess volumes on this device ('cuda'): files are decoded on the CPU, resized and normalised "
+            "there. Needs --dataloader_num_workers 0; --decode_threads then decodes a batch's files in parallel."
+        },
+    )
+    decode_threads: int = field(
+        default=1, metadata={"help": "Threads that decode a batch's volume files in the process that collates it."}
+    )
     on_invalid: str = field(
         default="error",
         metadata={
@@ -391,6 +401,7 @@ def load_dataset(
             cache_dir=data_args.cache_dir,
             allow_outside_image_root=data_args.allow_outside_image_root,
             check_volumes=data_args.check_data,
+            preprocess_device=data_args.preprocess_device,
         )
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{flag} {path}: {error}") from error
@@ -452,6 +463,37 @@ def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:
     raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint to resume from; {looked}")
 
 
+def check_preprocess_device(data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """Refuse, before any step, a preprocessing device that worker processes would have to use, or one that is not
+    there."""
+    if data_args.preprocess_device is None:
+        return
+    device = torch.device(data_args.preprocess_device)
+    if device.type == "cpu":
+        return
+    if training_args.dataloader_num_workers > 0:
+        raise ValueError(
+            f"--preprocess_device {data_args.preprocess_device} preprocesses in the process that reads the items, "
+            f"which DataLoader workers cannot do on a GPU: pass --dataloader_num_workers 0 (not "
+            f"{training_args.dataloader_num_workers}) and --decode_threads N to decode files in parallel."
+        )
+    if not getattr(torch, device.type).is_available():
+        raise ValueError(f"--preprocess_device {data_args.preprocess_device}: no {device.type} device is available.")
+
+
+def compile_checkpointed_layers_whole() -> None:
+    """Let torch.compile trace a checkpointed vision layer in one graph.
+
+    LLaVA reads the tower's hidden states, which transformers records with forward hooks: a side effect inside each
+    checkpointed layer, which dynamo refuses by default (a graph break per layer) because the backward's recompute
+    would record them again. Recording them once, in the forward, is what LLaVA needs, so the recompute may skip them.
+    """
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
 def build_trainer(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> tuple[Trainer, GenerationAccuracyCallback | None]:
@@ -474,6 +516,9 @@ def build_trainer(
         if data_args.eval_data is None:
             raise ValueError("--generation_metrics measures generation on --eval_data; pass --eval_data too.")
         require_eval_extra()  # now, not after training
+    check_preprocess_device(data_args, training_args)
+    if training_args.torch_compile and training_args.gradient_checkpointing:
+        compile_checkpointed_layers_whole()
     set_seed(training_args.seed)  # LoRA's random init must be the same in a run and in its resumption
     model, processor = load_model_and_processor(model_args)
     train_dataset = load_dataset(data_args.train_data, processor, data_args, "--train_data")
@@ -491,7 +536,7 @@ def build_trainer(
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=UmbrellaCollator(processor),
+        data_collator=UmbrellaCollator(processor, decode_threads=data_args.decode_threads),
         processing_class=processor,
     )
     world_size = check_process_group(trainer.args)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from ..image_processing_umbrella_llava import InvalidVolumeError
 from ..processing_umbrella_llava import UmbrellaLlavaProcessor
@@ -38,6 +38,10 @@ class ConversationDataset(Dataset):
             refused by default when `image_root` is given.
         check_volumes: decode every volume once now (with a progress bar, and into the cache), so that a bad file
             is an invalid record before training instead of an error hours in.
+        preprocess_device: where volumes are preprocessed (`UmbrellaVolumeProcessor.preprocess_volume(device=)`):
+            files are decoded on the CPU, the arithmetic runs on this device and `pixel_values` stay there. A GPU
+            needs the items read in the main process (`dataloader_num_workers=0`); [`UmbrellaCollator`]'s
+            `decode_threads` then decode a batch's files in parallel. `None`: the CPU.
 
     `dataset[i]` is a mapping `{"input_ids": (L,), "labels": (L,), "pixel_values": (n_i, C, H, W, D)}`, named as the
     model's forward parameters so the Trainer keeps them; its tokens were made at construction, its volumes are
@@ -66,6 +70,7 @@ class ConversationDataset(Dataset):
         cache_dir: str | Path | None = None,
         allow_outside_image_root: bool = False,
         check_volumes: bool = False,
+        preprocess_device: str | torch.device | None = None,
     ):
         if on_invalid not in ("error", "skip"):
             raise ValueError(f"`on_invalid` must be 'error' or 'skip', got {on_invalid!r}.")
@@ -75,6 +80,7 @@ class ConversationDataset(Dataset):
         self.processor = processor
         self.max_length = max_length
         self.volume_cache = VolumeCache(cache_dir) if cache_dir is not None else None
+        self.preprocess_device = torch.device(preprocess_device) if preprocess_device is not None else None
 
         scan = scan_records(
             self.path,
@@ -124,9 +130,16 @@ class ConversationDataset(Dataset):
             InvalidVolumeError / OSError: naming the file (see `UmbrellaVolumeProcessor.preprocess_volume`).
         """
         image_processor = self.processor.image_processor
+        device = self.preprocess_device
+        if device is not None and device.type != "cpu" and get_worker_info() is not None:
+            raise RuntimeError(
+                f"Volumes are preprocessed on {device}, which a DataLoader worker process cannot use: read the items "
+                "in the main process (dataloader_num_workers=0; umbrella-train --dataloader_num_workers 0) and decode "
+                "the files in threads (UmbrellaCollator(decode_threads=...); umbrella-train --decode_threads)."
+            )
         if self.volume_cache is not None:
-            return self.volume_cache.get(path, image_processor)
-        return image_processor.preprocess_volume(path)
+            return self.volume_cache.get(path, image_processor).to(device or "cpu", non_blocking=True)
+        return image_processor.preprocess_volume(path, device=device)
 
     def __getitem__(self, index: int) -> "ConversationItem":
         input_ids, labels = self.encodings[index]
@@ -143,7 +156,9 @@ class ConversationDataset(Dataset):
             volumes = [self.load_volume(path) for path in record.volume_paths]
         except (InvalidVolumeError, OSError) as error:
             raise volume_error(record, error) from error
-        return torch.stack(volumes) if volumes else empty_volume_stack(self.processor.image_processor)
+        if not volumes:
+            return empty_volume_stack(self.processor.image_processor).to(self.preprocess_device or "cpu")
+        return torch.stack(volumes)
 
 
 ITEM_KEYS = ("input_ids", "labels", "pixel_values")
