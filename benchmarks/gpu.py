@@ -14,6 +14,17 @@ Cases, timed interleaved (each round runs every case once, in a rotating order):
     native_mixed     samples with 4, 3, 2, 1 volumes in 4 slots (20 of 32 slots valid)
     loop_mixed       the loop on that batch: it encodes all 32 slots
 
+and the fast path (`--fast-cases` chooses), on the tight batch:
+
+    compiled                 `torch.compile(model, fullgraph=True)` (inductor), fp32 weights, bf16 autocast
+    bf16                     bf16 weights (what a bf16 optimiser state, or fp32 master weights kept by the optimiser,
+                             trains), eager
+    bf16_compiled            bf16 weights, compiled whole
+    bf16_compiled_fused_ce   bf16 weights, the trunk compiled whole, and the loss by Liger's fused linear cross-entropy
+                             from the last hidden states (no (tokens × 152 000) logits tensor); needs liger-kernel
+
+Each compiled case's loss is checked against its eager twin before timing.
+
 and, unless `--skip-memory`, the peak memory of a step at 1, 2, 4, 8 volumes per sample, with and without
 activation checkpointing (`torch.cuda.max_memory_allocated`).
 
@@ -33,6 +44,8 @@ Writes JSON to `--out` (default `benchmarks/results/gpu.json`) and prints a tabl
 """
 
 import argparse
+import copy
+import math
 import statistics
 import time
 from contextlib import nullcontext
@@ -175,6 +188,77 @@ def loop_step(model, batch) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def fused_ce_loss(trunk, lm_head: nn.Linear, batch, loss_fn) -> torch.Tensor:
+    """The model's next-token loss without its logits: the trunk's (`model.model`) last hidden states and the LM
+    head's weight go to a fused linear cross-entropy (`loss_fn`, Liger's), which never holds the (tokens × vocab)
+    logits."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    hidden = trunk(**inputs).last_hidden_state
+    labels = batch["labels"]
+    return loss_fn(lm_head.weight, hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+
+FAST_CASES = ("compiled", "bf16", "bf16_compiled", "bf16_compiled_fused_ce")
+
+
+def fast_cases(model, batch, device: torch.device, autocast, wanted=FAST_CASES) -> tuple[dict, dict]:
+    """The fast-path cases of `wanted` (module docstring) as step functions, each compiled one's loss checked against
+    its eager twin first. The fused-loss case needs liger-kernel and a GPU; it is left out without them."""
+    backend = "inductor" if device.type == "cuda" else "aot_eager"  # --tiny on a CPU: no C++ build
+    cases, checks = {}, {}
+
+    def step(module, with_autocast: bool):
+        def run() -> None:
+            with autocast() if with_autocast else nullcontext():
+                native_step(module, batch)
+
+        return run
+
+    if "compiled" in wanted:
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        with autocast():
+            checks["compiled"] = (compiled(**batch).loss.item(), model(**batch).loss.item())
+        cases["compiled"] = step(compiled, with_autocast=True)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    bf16_loss = bf16(**batch).loss.item()
+    if "bf16" in wanted:
+        cases["bf16"] = step(bf16, with_autocast=False)
+    if "bf16_compiled" in wanted:
+        bf16_compiled = torch.compile(bf16, fullgraph=True, backend=backend)
+        checks["bf16_compiled"] = (bf16_compiled(**batch).loss.item(), bf16_loss)
+        cases["bf16_compiled"] = step(bf16_compiled, with_autocast=False)
+        bf16.zero_grad(set_to_none=True)
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        LigerFusedLinearCrossEntropyLoss = None
+    if "bf16_compiled_fused_ce" in wanted and LigerFusedLinearCrossEntropyLoss is not None and device.type == "cuda":
+        loss_fn = LigerFusedLinearCrossEntropyLoss()
+        trunk = torch.compile(bf16.model, fullgraph=True, backend=backend)
+        try:
+            checks["bf16_compiled_fused_ce"] = (fused_ce_loss(trunk, bf16.lm_head, batch, loss_fn).item(), bf16_loss)
+        except Exception as error:  # a third-party kernel: report it and time the rest
+            print(f"bf16_compiled_fused_ce left out: {type(error).__name__}: {error}")
+            return cases, checks_report(checks)
+
+        def fused_step() -> None:
+            fused_ce_loss(trunk, bf16.lm_head, batch, loss_fn).backward()
+            bf16.zero_grad(set_to_none=True)
+
+        cases["bf16_compiled_fused_ce"] = fused_step
+    model.zero_grad(set_to_none=True)
+    bf16.zero_grad(set_to_none=True)
+    for name, (loss, reference) in checks.items():
+        # bf16 weights round differently from autocast; a wrong splice or a dropped loss term moves the loss far more
+        if not math.isclose(loss, reference, rel_tol=2e-2):
+            raise RuntimeError(f"{name}: loss {loss:.5f}, its eager twin {reference:.5f}")
+    return cases, checks_report(checks)
+
+
+def checks_report(checks: dict) -> dict:
+    return {name: {"loss": loss, "eager_loss": reference} for name, (loss, reference) in checks.items()}
+
+
 def measure_memory(
     model, shapes: GpuShapes, device: torch.device, autocast, counts=(1, 2, 4, 8)
 ) -> list[dict[str, object]]:
@@ -212,6 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card")
     parser.add_argument("--skip-memory", action="store_true", help="skip the memory points")
+    parser.add_argument(
+        "--fast-cases", nargs="*", choices=FAST_CASES, default=list(FAST_CASES), help="fast-path cases (none: skip)"
+    )
+    parser.add_argument("--skip-loop", action="store_true", help="skip the hand-written loop's cases")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu.json"))
     args = parser.parse_args(argv)
 
@@ -242,6 +330,9 @@ def main(argv: list[str] | None = None) -> dict:
         "loop_mixed": mixed,
     }
 
+    if args.skip_loop:
+        batches = {name: batch for name, batch in batches.items() if not name.startswith("loop")}
+
     def case(name: str):
         step = loop_step if name.startswith("loop") else native_step
 
@@ -251,13 +342,21 @@ def main(argv: list[str] | None = None) -> dict:
 
         return run
 
-    times = timed({name: case(name) for name in batches}, repeats=repeats, warmup=warmup, device=device)
+    variants = {name: case(name) for name in batches}
+    fast_checks = {}
+    if args.fast_cases:
+        fast, fast_checks = fast_cases(model, tight, device, autocast, args.fast_cases)
+        for name, step in fast.items():
+            batches[name], variants[name] = tight, step
+    times = timed(variants, repeats=repeats, warmup=warmup, device=device)
     peak, card = peak_tflops(device, args.peak_tflops)
     rows = []
     for name, batch in batches.items():
         seconds = statistics.median(times[name])
         flops = model_flops(model, batch)
         baseline = {"native_padded": "native", "loop": "native", "loop_mixed": "native_mixed"}.get(name)
+        if name in fast_checks or name == "bf16":
+            baseline = "native"
         rows.append(
             {
                 "case": name,
@@ -282,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": repeats,
         "warmup": warmup,
         "results": rows,
+        "compiled_loss_checks": fast_checks,
         "memory": memory,
         "seconds": time.perf_counter() - started,
     }
