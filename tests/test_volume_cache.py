@@ -106,6 +106,19 @@ def test_a_damaged_entry_is_replaced(processor, scan, tmp_path):
     torch.testing.assert_close(cache.get(scan, processor), expected, rtol=0, atol=0)
 
 
+def test_an_entry_whose_voxels_changed_on_disk_fails_its_checksum_and_is_recomputed(processor, scan, tmp_path):
+    """Damage that still loads (a voxel's bytes changed, the entry's checksum not): the checksum catches it."""
+    cache = VolumeCache(tmp_path / "cache")
+    expected = cache.get(scan, processor)
+    entry = cache.entry_path(scan, processor)
+    stored = torch.load(entry, weights_only=True)
+    stored["volume"].view(-1)[1000] += 0.5
+    torch.save(stored, entry)
+    with pytest.warns(UserWarning, match="fails its checksum"):
+        torch.testing.assert_close(cache.get(scan, processor), expected, rtol=0, atol=0)
+    torch.testing.assert_close(cache.get(scan, processor), expected, rtol=0, atol=0)
+
+
 def test_errors_are_not_cached(processor, tmp_path):
     cache = VolumeCache(tmp_path / "cache")
     with pytest.raises(FileNotFoundError, match="missing.nii.gz"):

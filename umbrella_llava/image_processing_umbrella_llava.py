@@ -790,7 +790,8 @@ class UmbrellaVolumeProcessor(BaseImageProcessor):
     model_input_names = ["pixel_values", "image_mask", "num_images_per_sample"]
     valid_kwargs = UmbrellaVolumeKwargs
     # Bump when the output for the same options changes, so that caches of preprocessed volumes are not reused.
-    preprocessing_revision = 1
+    # 2: the file's intensity scaling is applied after the resize (the same volume up to float rounding).
+    preprocessing_revision = 2
 
     def __init__(
         self,
